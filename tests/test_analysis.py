@@ -1,0 +1,101 @@
+"""Top Hessian eigenvalue by power iteration, against known spectra and dense float64 Hessians."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mgpo_jax.analysis import top_hessian_eigenvalue
+
+SHAPES = {"a": (3, 4), "b": (5,), "c": {"d": (2, 2)}}  # 21 parameters over three leaves
+
+
+def _random_params(rng, dtype):
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), dtype), SHAPES,
+                      is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _quadratic_loss(params, hessian):
+  x = ravel_pytree(params)[0]
+  return 0.5 * x @ hessian @ x
+
+
+def _hessian(rng, top):
+  """H = Q diag(lam) Q^T with a random orthogonal Q and lam = (top, |lam_i| <= 2 < |top|)."""
+  n = 21
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  lam = np.concatenate([[top], rng.uniform(-2.0, 2.0, n - 1)])
+  return (q * lam) @ q.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_quadratic_known_spectrum_float64(seed, sign):
+  rng = np.random.default_rng(seed)
+  top = sign * rng.uniform(4.0, 8.0)  # fresh value, gap ratio <= 0.5
+  with jax.enable_x64(True):
+    hessian = _hessian(rng, top)
+    params = _random_params(rng, jnp.float64)
+    est = top_hessian_eigenvalue(_quadratic_loss, params, jnp.asarray(hessian),
+                                 key=jax.random.key(seed), num_iters=200, tol=0.0)
+    assert est.dtype == jnp.float64
+  eigvals = np.linalg.eigvalsh(hessian)
+  reference = eigvals[np.argmax(np.abs(eigvals))]  # the largest in magnitude (may be negative)
+  np.testing.assert_allclose(float(est), reference, rtol=1e-10)
+  np.testing.assert_allclose(float(est), top, rtol=1e-10)
+
+
+def test_quadratic_float32_defaults():
+  rng = np.random.default_rng(10)
+  top = rng.uniform(4.0, 8.0)
+  hessian = jnp.asarray(_hessian(rng, top), jnp.float32)
+  est = top_hessian_eigenvalue(_quadratic_loss, _random_params(rng, jnp.float32), hessian,
+                               key=jax.random.key(1))
+  assert est.dtype == jnp.float32
+  np.testing.assert_allclose(float(est), top, rtol=1e-3)
+
+
+def _mlp_loss(params, x, y):
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  logits = h @ params["w2"] + params["b2"]
+  return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+
+
+def test_small_mlp_matches_dense_hessian():
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    params = {"w1": rng.normal(size=(3, 4)), "b1": rng.normal(size=4) * 0.1,
+              "w2": rng.normal(size=(4, 2)), "b2": np.zeros(2)}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    flat, unravel = ravel_pytree(params)
+    dense_hessian = jax.jit(jax.hessian(lambda f, x, y: _mlp_loss(unravel(f), x, y)))
+    for batch_seed in (0, 1):  # two batches through *args, one compiled loop
+      b = np.random.default_rng(100 + batch_seed)
+      x, y = jnp.asarray(b.normal(size=(16, 3))), jnp.asarray(b.integers(0, 2, 16))
+      dense = np.asarray(dense_hessian(flat, x, y))
+      eigvals = np.linalg.eigvalsh(0.5 * (dense + dense.T))
+      reference = eigvals[np.argmax(np.abs(eigvals))]
+      assert abs(eigvals[-2]) < 0.9 * abs(reference), "test needs a spectral gap"
+      est = top_hessian_eigenvalue(_mlp_loss, params, x, y, key=jax.random.key(batch_seed),
+                                   num_iters=1000, tol=1e-13)
+      np.testing.assert_allclose(float(est), reference, rtol=1e-6)
+
+
+def test_flat_loss_gives_zero_not_nan():
+  params = _random_params(np.random.default_rng(0), jnp.float32)
+  est = top_hessian_eigenvalue(lambda p: 3.0 * ravel_pytree(p)[0].sum(), params,
+                               key=jax.random.key(0), num_iters=5)
+  assert float(est) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,match", [({"num_iters": 0}, "num_iters"), ({"tol": -1.0}, "tol")])
+def test_bad_arguments(kwargs, match):
+  params = _random_params(np.random.default_rng(0), jnp.float32)
+  with pytest.raises(ValueError, match=match):
+    top_hessian_eigenvalue(lambda p: 0.0, params, key=jax.random.key(0), **kwargs)
+
+
+def test_empty_params():
+  with pytest.raises(ValueError, match="params"):
+    top_hessian_eigenvalue(lambda p: 0.0, {}, key=jax.random.key(0))
