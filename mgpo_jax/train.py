@@ -1,0 +1,267 @@
+"""Jitted, data-parallel train and eval steps for LoRA fine-tuning of Flax NNX models.
+
+The model is split ONCE (``nnx.split(model, wrt, ...)``) into a graph definition, the
+trainable leaves and the rest (frozen weights, RNG streams); the steps are plain ``jax.jit``
+functions that ``nnx.merge`` the model inside the trace. Any optax transform works: AdamW,
+:func:`mgpo_jax.mgpo_adamw` (one forward/backward per step) and ``optax.contrib.sam`` in
+opaque mode (its second gradient comes through ``grad_fn``). Usage is in ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mgpo_jax.transform import MGPOState, mgpo_eval_params
+
+DATA_AXIS = "data"
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Metrics]]
+"""``loss_fn(model, batch) -> (loss, metrics)``: ``loss`` is the mean over the batch (it is
+differentiated); ``metrics`` are SUMS over the batch (additive over micro-batches, devices and
+eval batches), e.g. ``{"loss_sum", "correct", "count"}``."""
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training: a pytree of arrays, checkpointable as is.
+
+  Attributes:
+    step: optimizer steps taken so far (int32 scalar).
+    params: the trainable leaves as a nested ``dict`` (``nnx.to_pure_dict`` layout),
+      in their own dtype (float32). With MGPO these are the shifted iterate ``θ + ε``; use
+      :func:`clean_params` for evaluation and export.
+    opt_state: the optimizer state (optax ``NamedTuple`` types).
+    rng: base PRNG key data (``uint32[2]``); step ``t`` draws dropout from
+      ``fold_in(rng, t)``, so a resumed run repeats the uninterrupted run's masks.
+  """
+
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, Metrics]:
+  """Softmax cross-entropy of a sequence classifier, with accuracy.
+
+  ``model(input_ids, attention_mask=..., token_type_ids=...)`` gives logits ``(B, C)``;
+  ``attention_mask`` and ``token_type_ids`` are passed when the batch has them. An optional
+  per-example ``batch["mask"]`` (weights, e.g. 0 on padding rows) weights every term.
+
+    loss = Σ_i w_i CE(logits_i, y_i) / Σ_i w_i       (0 when Σ w = 0)
+
+  Args:
+    model: the classifier (train or eval mode is set by the caller).
+    batch: ``input_ids``, ``labels`` (int), optional ``attention_mask``, ``token_type_ids``,
+      ``mask``.
+
+  Returns:
+    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``.
+  """
+  kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+  logits = model(batch["input_ids"], **kwargs).astype(jnp.float32)
+  labels = batch["labels"]
+  w = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  count = jnp.sum(w)
+  loss_sum = jnp.sum(w * ce)
+  correct = jnp.sum(w * (jnp.argmax(logits, axis=-1) == labels))
+  loss = loss_sum / jnp.where(count > 0, count, 1.0)
+  return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D device mesh with axis ``"data"`` for data parallelism.
+
+  Args:
+    devices: ``None`` for all devices (multi-host: every process's devices), a count ``n``
+      for the first ``n`` of ``jax.devices()``, or explicit devices.
+
+  Returns:
+    ``jax.make_mesh((n,), ("data",))`` with an automatically sharded (``AxisType.Auto``) axis.
+  """
+  if devices is None:
+    devices = jax.devices()
+  elif isinstance(devices, int):
+    if not 1 <= devices <= jax.device_count():
+      raise ValueError(f"devices must be between 1 and {jax.device_count()} (the number of "
+                       f"available devices); got {devices}")
+    devices = jax.devices()[:devices]
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=list(devices))
+
+
+def clean_params(state: TrainState) -> dict[str, Any]:
+  """The params to evaluate and export: ``mgpo_eval_params`` (θ = p − ε) when the optimizer
+  state holds an :class:`~mgpo_jax.transform.MGPOState`, else ``state.params``."""
+  is_mgpo = lambda x: isinstance(x, MGPOState)  # noqa: E731
+  if any(map(is_mgpo, jax.tree.leaves(state.opt_state, is_leaf=is_mgpo))):
+    return mgpo_eval_params(state.opt_state, state.params)
+  return state.params
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+  """Casts the floating-point leaves of ``tree`` to ``dtype`` (``None``: unchanged)."""
+  if dtype is None:
+    return tree
+  cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  return jax.tree.map(cast, tree)
+
+
+def _rng_streams(state: nnx.State) -> tuple[str, ...]:
+  """Names (tags) of the RNG streams held in ``state``."""
+  is_key = lambda x: isinstance(x, nnx.RngKey)  # noqa: E731
+  return tuple(sorted({k.tag for k in jax.tree.leaves(state, is_leaf=is_key) if is_key(k)}))
+
+
+def _check_batch(batch: Batch, num_devices: int, accum_steps: int) -> None:
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"every batch array needs the same leading (batch) axis; got sizes {sizes}")
+  (batch_size,) = sizes
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the device count "
+                     f"{num_devices}")
+  if batch_size % (num_devices * accum_steps):
+    raise ValueError(f"batch_size {batch_size} is not divisible by accum_steps * device count "
+                     f"= {accum_steps} * {num_devices}")
+
+
+class Trainer:
+  """Train and eval steps for an NNX model; holds only constants, the state is a
+  :class:`TrainState`.
+
+  Args:
+    model: the NNX model (e.g. after :func:`mgpo_jax.lora.apply_lora`). It is split once;
+      the frozen part is kept (cast to ``compute_dtype``), the model object is not modified.
+    tx: any optax transform; ``optax.contrib.sam(..., opaque_mode=True)`` gets ``grad_fn``.
+    loss_fn: ``loss_fn(model, batch) -> (mean loss, summed metrics)`` (see :data:`LossFn`).
+    wrt: NNX filter of the trainable leaves (default ``nnx.LoRAParam``).
+    accum_steps: micro-batches per optimizer step; micro-batch ``j`` is ``batch[j::k]``,
+      gradients and loss are averaged, ONE ``tx.update`` per step.
+    compute_dtype: e.g. ``jnp.bfloat16``: frozen weights are stored in it, and the forward
+      pass runs in it (trainable params are cast, and every module's ``dtype`` attribute is
+      set to it); trainable params, gradients and optimizer state stay float32.
+    mesh: a mesh with a ``"data"`` axis (:func:`make_mesh`): batches sharded on it, params
+      and optimizer state replicated. ``None``: the default device.
+  """
+
+  def __init__(self, model: nnx.Module, tx: optax.GradientTransformation,
+               loss_fn: LossFn = classification_loss, *, wrt: Any = nnx.LoRAParam,
+               accum_steps: int = 1, compute_dtype: Any = None, mesh: Mesh | None = None):
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+      raise ValueError(f"accum_steps must be an integer >= 1; got {accum_steps!r}")
+    if mesh is not None and DATA_AXIS not in mesh.axis_names:
+      raise ValueError(f"mesh must have an axis named {DATA_AXIS!r}; got {mesh.axis_names}")
+    self.graphdef, params, rest = nnx.split(model, wrt, ...)
+    self._init_params = nnx.to_pure_dict(params)
+    if not jax.tree.leaves(self._init_params):
+      raise ValueError(f"wrt={wrt!r} selects no parameters of the model; apply LoRA first or "
+                       "pass the filter of the leaves to train")
+    self.tx, self.loss_fn, self.mesh = optax.with_extra_args_support(tx), loss_fn, mesh
+    self.accum_steps, self.compute_dtype = accum_steps, compute_dtype
+    self.num_devices = mesh.shape[DATA_AXIS] if mesh is not None else 1
+    self._streams = _rng_streams(rest)
+    rest = _cast_floats(rest, compute_dtype)
+    if mesh is None:
+      self.rest, shardings = rest, {}
+    else:
+      replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+      self.rest = jax.device_put(rest, replicated)
+      shardings = {"in_shardings": (replicated, replicated, data), "out_shardings": replicated}
+    self._train = jax.jit(self._train_step, **shardings)
+    self._eval = jax.jit(self._eval_step, **shardings)
+
+  # -- the step ------------------------------------------------------------------------------
+
+  def _model(self, params, rest) -> nnx.Module:
+    """The model at ``params``, computing in ``compute_dtype`` (modules' ``dtype`` attribute)."""
+    model = nnx.merge(self.graphdef, _cast_floats(params, self.compute_dtype), rest, copy=True)
+    if self.compute_dtype is not None:
+      model.set_attributes(dtype=self.compute_dtype, raise_if_not_found=False)
+    return model
+
+  def _loss(self, params, rest, batch, key):
+    """Loss of the train-mode model at ``params``; every RNG stream reseeded from ``key``."""
+    model = self._model(params, rest)
+    model.train()
+    nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(self._streams)})
+    return self.loss_fn(model, batch)
+
+  def _grads(self, params, rest, batch, key):
+    """``((mean loss, summed metrics), mean gradient)`` over ``accum_steps`` micro-batches."""
+    value_and_grad = jax.value_and_grad(self._loss, has_aux=True)
+    k = self.accum_steps
+    if k == 1:
+      return value_and_grad(params, rest, batch, key)
+    micro = jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def add(total, i_mb):
+      i, mb = i_mb
+      return jax.tree.map(jnp.add, total, value_and_grad(params, rest, mb, jax.random.fold_in(key, i))), None
+
+    shapes = jax.eval_shape(value_and_grad, params, rest, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    ((loss, metrics), grads), _ = jax.lax.scan(add, zeros, (jnp.arange(k), micro))
+    return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
+
+  def _train_step(self, state: TrainState, rest, batch) -> tuple[TrainState, Metrics]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = self._grads(state.params, rest, batch, key)
+    sam_grad_fn = lambda p, _: self._grads(p, rest, batch, key)[1]  # noqa: E731 (SAM only)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.rng), {"loss": loss, **metrics}
+
+  def _eval_step(self, state: TrainState, rest, batch) -> Metrics:
+    model = self._model(clean_params(state), rest)
+    model.eval()
+    return self.loss_fn(model, batch)[1]
+
+  # -- public API ----------------------------------------------------------------------------
+
+  def init(self, seed: int | jax.Array) -> TrainState:
+    """The step-0 state: the model's trainable params, ``tx.init``, a base key from ``seed``
+    (an int or a PRNG key); replicated over the mesh."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.key_data(key)
+    params = self._init_params
+    state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), key)
+    return state if self.mesh is None else jax.device_put(state, NamedSharding(self.mesh, P()))
+
+  def abstract_state(self) -> TrainState:
+    """``jax.ShapeDtypeStruct`` tree of :meth:`init`'s result, with shardings (a restore
+    target for orbax)."""
+    if self.mesh is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+      sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        jax.eval_shape(lambda: self.init(0)))
+
+  def shard_batch(self, batch: Batch) -> Batch:
+    """Puts this process's rows of a batch on the mesh (``"data"``-sharded global arrays;
+    with several hosts, each passes its own rows). Without a mesh: ``jnp.asarray``."""
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, batch)
+    _check_batch(batch, self.num_devices // jax.process_count(), 1)
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One optimizer step: ``(new state, {"loss": mean loss, **summed metrics})``."""
+    _check_batch(batch, self.num_devices, self.accum_steps)
+    return self._train(state, self.rest, batch)
+
+  def eval_step(self, state: TrainState, batch: Batch) -> Metrics:
+    """Summed metrics of the eval-mode model (no dropout) at :func:`clean_params`."""
+    _check_batch(batch, self.num_devices, 1)
+    return self._eval(state, self.rest, batch)
