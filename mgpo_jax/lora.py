@@ -81,7 +81,8 @@ class LoraConfig:
         root-level output head (``lm_head``, ``classifier``, ``score``), as in PEFT.
       r: adapter rank (> 0, and at most ``min(in, out)`` of every matched module).
       alpha: scaling numerator; ``s = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
-      dropout: dropout rate on the adapter input, in ``[0, 1)``.
+      dropout: dropout rate on the adapter input, in ``[0, 1)``. The dropout layers start in
+        eval mode (as the shipped models' do): call ``model.train()`` to turn them on.
       use_rslora: use ``s = alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
       init: ``"default"``: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (PEFT's Kaiming-uniform with
         ``a = sqrt(5)``), ``B = 0``; ``"gaussian"``: ``A ~ N(0, std = 1/r)`` (PEFT's
@@ -252,7 +253,10 @@ class LoraLinear(nnx.Module):
         self.bias = base.bias
         self.lora_a = nnx.LoRAParam(a)
         self.lora_b = nnx.LoRAParam(b)
-        self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
+        # Built in eval mode, like the shipped models' dropouts: ``model.train()`` turns it on.
+        self.dropout = nnx.Dropout(
+            config.dropout, deterministic=True, rngs=rngs if config.dropout > 0 else None
+        )
         self.perturbation = Perturbation(None)
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:

@@ -349,6 +349,8 @@ def test_dropout_acts_on_adapter_input_only():
                                                    dropout=0.5), rngs=nnx.Rngs(1))
     layer = model.proj
     x = jax.random.normal(jax.random.key(2), (50, 6))
+    assert layer.dropout.deterministic  # built in eval mode, like the shipped models
+    model.train()
     base = np.asarray(x, np.float64) @ np.asarray(layer.kernel[...], np.float64) + layer.bias[...]
     # B = 0: dropout on the adapter input cannot change anything (it would if it hit x W).
     np.testing.assert_allclose(layer(x), base, rtol=1e-5, atol=1e-5)
