@@ -10,3 +10,4 @@ from mgpo_jax.transform import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
 from mgpo_jax.analysis import top_hessian_eigenvalue
 from mgpo_jax.data import (DataUnavailableError, Split, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
+from mgpo_jax.checkpoint import CheckpointError, Checkpointer
