@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -205,7 +206,8 @@ class Trainer:
 
     def add(total, i_mb):
       i, mb = i_mb
-      return jax.tree.map(jnp.add, total, value_and_grad(params, rest, mb, jax.random.fold_in(key, i))), None
+      out = value_and_grad(params, rest, mb, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, total, out), None
 
     shapes = jax.eval_shape(value_and_grad, params, rest, jax.tree.map(lambda x: x[0], micro), key)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -230,7 +232,7 @@ class Trainer:
   def init(self, seed: int | jax.Array) -> TrainState:
     """The step-0 state: the model's trainable params, ``tx.init``, a base key from ``seed``
     (an int or a PRNG key); replicated over the mesh."""
-    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       key = jax.random.key_data(key)
     params = self._init_params

@@ -89,6 +89,13 @@ def _run(trainer, batches, seed=0):
   return state, metrics
 
 
+@functools.cache
+def _trained(name: str, dropout: float, accum_steps: int):
+  """``(trainer, state, metrics)`` after BATCHES on one device (shared to save compiles)."""
+  trainer = Trainer(Tiny(dropout), TXS[name](), accum_steps=accum_steps)
+  return (trainer, *_run(trainer, BATCHES))
+
+
 def _counting(loss_fn):
   """``loss_fn`` that counts how often it is traced (= gradient evaluations per step)."""
   def counted(model, batch):
@@ -107,9 +114,8 @@ def _assert_trees_close(x, y, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("name", TXS)
 def test_step_equals_reference_loop(name):
-  model = Tiny(dropout=0.0)
-  tx = TXS[name]()
-  state, metrics = _run(Trainer(model, tx), BATCHES)
+  model, tx = Tiny(dropout=0.0), TXS[name]()
+  _, state, metrics = _trained(name, 0.0, 1)
 
   p, f = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)), _frozen(model)
   s = tx.init(p)
@@ -143,8 +149,8 @@ def test_gradient_evaluations_per_step(name, expected):
 def test_classification_loss_weights_match_numpy():
   model = Tiny(dropout=0.0)
   batch = dict(_batch(7), mask=np.random.default_rng(1).random(8).astype(np.float32))
-  loss, m = classification_loss(model, batch)
-  logits = np.asarray(_ref_logits(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)),
+  loss, m = nnx.jit(classification_loss)(model, batch)
+  logits = np.asarray(jax.jit(_ref_logits)(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)),
                                   _frozen(model), batch), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
       - logits.max(1, keepdims=True)
@@ -162,7 +168,7 @@ def test_classification_loss_weights_match_numpy():
 
 @pytest.mark.parametrize("name,k", [("adamw", 2), ("mgpo", 4)])
 def test_accumulation_equals_full_batch(name, k):
-  full, _ = _run(Trainer(Tiny(dropout=0.0), TXS[name]()), BATCHES)
+  _, full, _ = _trained(name, 0.0, 1)
   acc, metrics = _run(Trainer(Tiny(dropout=0.0), TXS[name](), accum_steps=k), BATCHES)
   _assert_trees_close(acc.params, full.params)
   _assert_trees_close(acc.opt_state, full.opt_state)
@@ -188,7 +194,7 @@ def test_bf16_compute_keeps_adapters_and_optimizer_state_f32():
                   if jnp.issubdtype(x.dtype, jnp.floating)]
   assert all(x.dtype == jnp.float32 for x in float_leaves)
   assert model.layer.kernel[...].dtype == jnp.float32  # the model object is untouched
-  ref, _ = _run(Trainer(Tiny(dropout=0.0), TXS["mgpo"]()), BATCHES)
+  _, ref, _ = _trained("mgpo", 0.0, 1)
   _assert_trees_close(state.params, ref.params, rtol=0.05, atol=0.02)
 
 
@@ -198,9 +204,8 @@ def test_dropout_rng_is_deterministic_per_step_and_resumable():
   # Resume from host copies after one step with a fresh Trainer: bit-identical.
   half, _ = _run(trainer, BATCHES[:1])
   half = jax.tree.map(np.asarray, half)
-  resumed = Trainer(Tiny(dropout=0.5), TXS["adamw"]())
   for batch in BATCHES[1:]:
-    half, m_res = resumed.train_step(half, batch)
+    half, m_res = trainer.train_step(half, batch)
   chex.assert_trees_all_equal(jax.device_get(half), jax.device_get(full))
   chex.assert_trees_all_equal(m_res, m_full)
   # The masks depend on the seed and on the step, and dropout is active in training.
@@ -217,9 +222,8 @@ def test_dropout_rng_is_deterministic_per_step_and_resumable():
 
 
 def test_eval_uses_clean_params_and_masks_padding():
-  model = Tiny(dropout=0.5)  # eval mode must switch dropout off
-  trainer = Trainer(model, TXS["mgpo"]())
-  state, _ = _run(trainer, BATCHES)
+  model = Tiny(dropout=0.3)  # eval mode must switch dropout off
+  trainer, state, _ = _trained("mgpo", 0.3, 2)
   theta = mgpo_eval_params(state.opt_state, state.params)
   chex.assert_trees_all_equal(clean_params(state), theta)
   # 10 examples in batches of 4; the last batch is padded with mask 0.
@@ -238,26 +242,20 @@ def test_eval_uses_clean_params_and_masks_padding():
 
 
 def test_clean_params_is_identity_without_mgpo():
-  trainer = Trainer(Tiny(dropout=0.0), TXS["adamw"]())
-  state, _ = _run(trainer, BATCHES[:1])
+  _, state, _ = _trained("adamw", 0.0, 1)
   assert clean_params(state) is state.params
 
 
 # -- data parallelism ----------------------------------------------------------------------
 
 
-@functools.cache
-def _single_device(name):
-  return _run(Trainer(Tiny(dropout=0.3), TXS[name](), accum_steps=2), BATCHES)
-
-
 @pytest.mark.parametrize("devices", [2, 4])
-@pytest.mark.parametrize("name", ["adamw", "mgpo"])
-def test_mesh_equals_single_device(name, devices):
+def test_mesh_equals_single_device(devices):
+  """With dropout, accumulation and MGPO (whose state depends on the global gradient norm)."""
   mesh = make_mesh(devices)
-  trainer = Trainer(Tiny(dropout=0.3), TXS[name](), accum_steps=2, mesh=mesh)
+  trainer = Trainer(Tiny(dropout=0.3), TXS["mgpo"](), accum_steps=2, mesh=mesh)
   state, metrics = _run(trainer, BATCHES)
-  ref_state, ref_metrics = _single_device(name)
+  ref_trainer, ref_state, ref_metrics = _trained("mgpo", 0.3, 2)
   _assert_trees_close(state.params, ref_state.params)
   _assert_trees_close(metrics, ref_metrics)
   replicated = NamedSharding(mesh, P())
@@ -267,7 +265,7 @@ def test_mesh_equals_single_device(name, devices):
   assert batch["input_ids"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
   assert len(batch["input_ids"].addressable_shards) == devices
   evals = trainer.eval_step(state, batch)
-  ref_evals = Trainer(Tiny(dropout=0.3), TXS[name]()).eval_step(ref_state, BATCHES[0])
+  ref_evals = ref_trainer.eval_step(ref_state, BATCHES[0])
   _assert_trees_close(evals, ref_evals)
 
 
@@ -280,6 +278,7 @@ def test_abstract_state_matches_init():
   assert isinstance(state, TrainState)
 
 
+@functools.cache
 def _docs_recipe() -> dict:
   blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
   (code,) = [b for b in blocks if "def pmap_step" in b]
@@ -291,19 +290,23 @@ def _docs_recipe() -> dict:
 def test_docs_pmap_and_shard_map_recipe_equals_single_device():
   ns = _docs_recipe()
   assert jax.local_device_count() == 4
-  loss, tx, p = ns["loss"], ns["tx"], ns["params0"]
-  s = tx.init(p)
-  for batch in ns["batches"]:
-    u, s = tx.update(jax.grad(loss)(p, batch), s, p)
-    p = optax.apply_updates(p, u)
+
+  def single_device(tx):  # the plain one-device loop over the whole batches
+    @jax.jit
+    def step(p, s, batch):
+      updates, s = tx.update(jax.grad(ns["loss"])(p, batch), s, p)
+      return optax.apply_updates(p, updates), s
+
+    p, s = ns["params0"], tx.init(ns["params0"])
+    for batch in ns["batches"]:
+      p, s = step(p, s, batch)
+    return p, s
+
+  p, s = single_device(ns["tx"])
   theta = mgpo_eval_params(s, p)
   _assert_trees_close(ns["theta_pmap"], theta)
   _assert_trees_close(ns["theta_shard_map"], theta)
-  # The perturbation matters here: an AdamW run ends elsewhere.
-  q, s = ns["params0"], optax.adamw(1e-2, weight_decay=0.0).init(ns["params0"])
-  for batch in ns["batches"]:
-    u, s = optax.adamw(1e-2, weight_decay=0.0).update(jax.grad(loss)(q, batch), s, q)
-    q = optax.apply_updates(q, u)
+  q, _ = single_device(optax.adamw(1e-2, weight_decay=0.0))  # the perturbation matters here
   assert not np.allclose(q["a"], theta["a"], rtol=1e-5)
 
 
