@@ -81,7 +81,9 @@ def _peft_config(model: nnx.Module, config: LoraConfig, base_model_name_or_path,
     return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": (
+            None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+        ),
         "r": config.r,
         "lora_alpha": config.alpha,
         "target_modules": targets if isinstance(targets, str) else list(targets),
@@ -108,7 +110,7 @@ def save_adapters(
     model: nnx.Module,
     config: LoraConfig,
     *,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
     task_type: str | None = None,
 ) -> None:
     """Writes ``model``'s adapters (and ``modules_to_save`` parameters) in PEFT's layout.
