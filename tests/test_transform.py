@@ -19,7 +19,7 @@ from mgpo_jax import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
-# Problem: two LoRA-like modules and a loose leaf; loss Σ log cosh(A B − T) + Σ log cosh(s − t).
+# Two LoRA-like modules and a loose leaf; loss Σ log cosh(A B − T) + Σ log cosh(s − t).
 
 
 def _problem(seed: int = 0):
@@ -110,7 +110,7 @@ def _reference(params, targets, steps, *, lr, rho, sign, max_inv_norm, weight_de
   return _unflat(theta)
 
 
-def _run(tx, params, loss, steps, *, jit=True, grad_at=None):
+def _run(tx, params, loss, steps, *, jit=True):
   """The unmodified optax loop; returns (params p = θ + ε, state)."""
   def step(p, s):
     updates, s = tx.update(jax.grad(loss)(p), s, p)
@@ -191,8 +191,8 @@ def test_first_step_unperturbed_and_state_small():
     chex.assert_trees_all_equal(mgpo_eval_params(state, params), params)
     grads = jax.tree.map(jnp.asarray, _np_grad(_problem(3)[0], targets))
     adamw = optax.adamw(0.05, weight_decay=0.0)
-    (updates, state1), (base_updates, _) = jax.jit(
-        lambda: (tx.update(grads, state, params), adamw.update(grads, adamw.init(params), params)))()
+    (updates, state1), (base_updates, _) = jax.jit(lambda: (
+        tx.update(grads, state, params), adamw.update(grads, adamw.init(params), params)))()
     # θ_2 = θ_1 + Δ_1 is exactly the AdamW step; the update also holds ε_2 ≠ 0.
     p1 = optax.apply_updates(params, updates)
     chex.assert_trees_all_close(mgpo_eval_params(state1, p1),
