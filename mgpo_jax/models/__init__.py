@@ -1,0 +1,16 @@
+"""Flax NNX implementations of the supported Hugging Face model families.
+
+Module paths mirror the PyTorch modules' names, so LoRA targets and PEFT adapter keys use HF's
+names; ``from_pretrained`` reads a local HF checkpoint directory (never a hub).
+"""
+
+from mgpo_jax.models._hf import CheckpointMismatchError
+from mgpo_jax.models.bert import BertForSequenceClassification, BertModel
+from mgpo_jax.models.llama import LlamaForCausalLM
+
+__all__ = [
+  "BertForSequenceClassification",
+  "BertModel",
+  "CheckpointMismatchError",
+  "LlamaForCausalLM",
+]

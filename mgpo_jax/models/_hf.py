@@ -1,0 +1,234 @@
+"""Loading Hugging Face checkpoint files from a local directory into the NNX models.
+
+The models in this package name their submodules exactly like Hugging Face's PyTorch modules,
+so a module's NNX path joined with ``"."`` is its PyTorch module name. A parameter's HF name is
+then that path plus the PyTorch parameter name:
+
+=================  ==================  ===========================================
+NNX module         NNX parameter       HF parameter
+=================  ==================  ===========================================
+``nnx.Linear``     ``kernel`` (in,out) ``weight`` (out, in), hence transposed
+``nnx.Linear``     ``bias``            ``bias``
+``nnx.Embed``      ``embedding``       ``weight``
+``nnx.LayerNorm``  ``scale``, ``bias`` ``weight``, ``bias``
+``nnx.RMSNorm``    ``scale``           ``weight``
+=================  ==================  ===========================================
+
+Loading is strict: a checkpoint tensor with no home in the model, a model parameter absent
+from the checkpoint, or a shape mismatch raises :class:`CheckpointMismatchError`.
+Nothing here touches the network: the directory must exist locally.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from safetensors import safe_open
+
+if TYPE_CHECKING:  # transformers imports torch where installed: only load it when reading files
+  from transformers import PretrainedConfig
+
+M = TypeVar("M", bound=nnx.Module)
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+_MAX_LISTED = 12
+
+# PyTorch parameter names of the NNX layers' parameters, and whether the tensor is transposed.
+_NNX_TO_TORCH: dict[type[nnx.Module], dict[str, tuple[str, bool]]] = {
+  nnx.Linear: {"kernel": ("weight", True), "bias": ("bias", False)},
+  nnx.Embed: {"embedding": ("weight", False)},
+  nnx.LayerNorm: {"scale": ("weight", False), "bias": ("bias", False)},
+  nnx.RMSNorm: {"scale": ("weight", False)},
+}
+
+# Hugging Face ``hidden_act`` names -> JAX functions (ACT2FN in transformers/activations.py).
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+}
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tensors do not match the model's parameters (names or shapes)."""
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The JAX function for a Hugging Face ``hidden_act`` name (``"gelu"`` is the exact erf form)."""
+  if name not in _ACTIVATIONS:
+    raise NotImplementedError(
+      f"hidden_act={name!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
+    )
+  return _ACTIVATIONS[name]
+
+
+def local_dir(path: str | Path) -> Path:
+  """``path`` as an existing local directory; never resolved against a model hub."""
+  directory = Path(path)
+  if not directory.is_dir():
+    raise FileNotFoundError(
+      f"{str(path)!r} is not an existing local directory. from_pretrained reads a local folder "
+      "holding config.json and model.safetensors; it never downloads from a hub."
+    )
+  return directory
+
+
+def load_config(path: str | Path, model_types: Collection[str]) -> PretrainedConfig:
+  """Reads ``config.json`` of a local checkpoint and checks its ``model_type``."""
+  directory = local_dir(path)
+  if not (directory / "config.json").is_file():
+    raise FileNotFoundError(f"no config.json in {str(directory)!r}")
+  from transformers import AutoConfig
+
+  config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+  if config.model_type not in model_types:
+    raise ValueError(
+      f"config.json in {str(directory)!r} has model_type={config.model_type!r}; "
+      f"expected one of {sorted(model_types)}"
+    )
+  return config
+
+
+class SafetensorsCheckpoint:
+  """Lazy, read-only view of a local checkpoint's safetensors file(s), single or sharded.
+
+  Tensors are read one at a time (any dtype safetensors stores, bfloat16 included).
+  """
+
+  def __init__(self, path: str | Path):
+    directory = local_dir(path)
+    if (directory / _SINGLE_FILE).is_file():
+      files = [directory / _SINGLE_FILE]
+    elif (directory / _INDEX_FILE).is_file():
+      weight_map = json.loads((directory / _INDEX_FILE).read_text())["weight_map"]
+      files = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+      raise FileNotFoundError(f"neither {_SINGLE_FILE} nor {_INDEX_FILE} in {str(directory)!r}")
+    self._file_of: dict[str, Path] = {}
+    self._shape_of: dict[str, tuple[int, ...]] = {}
+    for file in files:
+      with safe_open(str(file), framework="flax") as f:
+        for key in f.keys():
+          self._file_of[key] = file
+          self._shape_of[key] = tuple(f.get_slice(key).get_shape())
+
+  def keys(self) -> list[str]:
+    return list(self._file_of)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._shape_of[key]
+
+  def load(self, key: str) -> jax.Array:
+    with safe_open(str(self._file_of[key]), framework="flax") as f:
+      return f.get_tensor(key)
+
+
+def hf_parameters(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
+  """HF parameter name -> (the model's variable, whether the HF tensor is its transpose)."""
+  params = {}
+  for path, module in nnx.iter_modules(model):
+    for kind, names in _NNX_TO_TORCH.items():
+      if not isinstance(module, kind):
+        continue
+      for nnx_name, (torch_name, transposed) in names.items():
+        variable = getattr(module, nnx_name, None)
+        if variable is not None:
+          params[".".join(map(str, (*path, torch_name)))] = (variable, transposed)
+      break
+  return params
+
+
+def _listing(names: Iterable[str]) -> str:
+  names = sorted(names)
+  more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+  return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def load_hf_weights(
+  model: nnx.Module,
+  checkpoint: SafetensorsCheckpoint,
+  rename: Callable[[str], str | None],
+  *,
+  allow_missing: Collection[str] = (),
+) -> None:
+  """Copies checkpoint tensors into ``model``'s parameters in place (abstract ones included).
+
+  Args:
+    model: an NNX model whose module paths are HF module names.
+    checkpoint: the tensors to load.
+    rename: checkpoint key -> HF parameter name in ``model``, or ``None`` to skip the tensor
+      (e.g. non-persistent buffers or heads the model does not have).
+    allow_missing: HF parameter names that may be absent from the checkpoint (they are left
+      as they are, e.g. a new classification head).
+
+  Raises:
+    CheckpointMismatchError: unexpected tensors, missing parameters or shape mismatches, all
+      listed in the message. Nothing is modified in that case.
+  """
+  params = hf_parameters(model)
+  source = {}
+  for key in checkpoint.keys():
+    name = rename(key)
+    if name is not None:
+      source[name] = key
+  unexpected = set(source) - set(params)
+  missing = set(params) - set(source) - set(allow_missing)
+  mismatched = []
+  for name in set(source) & set(params):
+    variable, transposed = params[name]
+    shape = variable.get_value().shape
+    expected = shape[::-1] if transposed else shape
+    found = checkpoint.shape(source[name])
+    if tuple(expected) != found:
+      mismatched.append(f"{name}: checkpoint {found}, model {tuple(expected)}")
+  problems = []
+  if unexpected:
+    problems.append(f"unexpected tensors (no such parameter): {_listing(unexpected)}")
+  if missing:
+    problems.append(f"missing from the checkpoint: {_listing(missing)}")
+  if mismatched:
+    problems.append(f"shape mismatches: {_listing(mismatched)}")
+  if problems:
+    raise CheckpointMismatchError(
+      f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems)
+    )
+  for name, key in source.items():
+    variable, transposed = params[name]
+    tensor = checkpoint.load(key)
+    tensor = tensor.T if transposed else tensor
+    variable.set_value(jnp.asarray(tensor, dtype=variable.get_value().dtype))
+
+
+def build_from_checkpoint(
+  build: Callable[[nnx.Rngs], M],
+  rngs: nnx.Rngs,
+  checkpoint: SafetensorsCheckpoint,
+  rename: Callable[[str], str | None],
+  *,
+  allow_missing: Collection[str] = (),
+) -> M:
+  """``build(rngs)`` with its parameters read from ``checkpoint``, without initialising them.
+
+  The model is first built abstractly (shapes only); the checkpoint fills its parameters, and
+  only what is left (parameters in ``allow_missing`` absent from the checkpoint, and the
+  dropout RNG streams) is computed, by one jitted ``build(rngs)`` from which XLA drops the
+  unused initialisers. The result equals ``build(rngs)`` followed by loading the checkpoint.
+  """
+  model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+  load_hf_weights(model, checkpoint, rename, allow_missing=allow_missing)
+  abstract = nnx.state(model, lambda _, x: isinstance(x.get_value(), jax.ShapeDtypeStruct))
+  todo = {path for path, _ in nnx.to_flat_state(abstract)}
+  if todo:
+    fresh = nnx.jit(lambda r: nnx.state(build(r), lambda path, _: path in todo))(rngs)
+    nnx.update(model, fresh)
+  return model
