@@ -18,3 +18,4 @@ from mgpo_jax.lora import (DenseNoise, LoraConfig, LoraLinear, LowRank, apply_lo
                            lora_modules, merge_lora, merge_lora_params, perturbed,
                            set_perturbations, split_lora, trainable)
 from mgpo_jax.peft_io import load_adapters, save_adapters
+from mgpo_jax.models import BertForSequenceClassification, BertModel, LlamaForCausalLM
