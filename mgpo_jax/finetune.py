@@ -18,6 +18,7 @@ call the same functions.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import pathlib
 import shutil
@@ -42,6 +43,7 @@ from mgpo_jax.transform import mgpo
 
 DEFAULT_RHO = {"mgpo": 0.05, "sam": 0.003}  # MGPO paper (NLU); Flat-LoRA's best SAM rho on A, B
 LOG_EVERY = 10
+EVAL_BATCH_SIZE = 128
 _SPLIT_SEED = 0  # the data split is fixed, whatever the training seed
 
 
@@ -87,13 +89,18 @@ def load_data(seq_len: int) -> dict[str, dict[str, np.ndarray]]:
 
 
 def evaluate(trainer: Trainer, state: TrainState, split: dict[str, np.ndarray],
-             batch_size: int) -> dict[str, float]:
-  """Exact mean loss and accuracy over every example of ``split`` (clean params, no dropout)."""
+             batch_size: int | None = None) -> dict[str, float]:
+  """Exact mean loss and accuracy over every example of ``split`` (clean params, no dropout).
+
+  ``batch_size`` defaults to about 128, rounded up to a multiple of the device count.
+  """
+  n = trainer.num_devices
+  batch_size = batch_size or -(-EVAL_BATCH_SIZE // n) * n
   arrays = {k: v for k, v in split.items() if k != "labels"}
   totals = None
   for batch in eval_batch_iterator(arrays, split["labels"], batch_size):
     m = trainer.eval_step(state, trainer.shard_batch(batch))
-    totals = m if totals is None else jax.tree.map(np.add, totals, m)
+    totals = m if totals is None else jax.tree.map(operator.add, totals, m)  # stays async
   totals = jax.device_get(totals)
   return {"loss": float(totals["loss_sum"] / totals["count"]),
           "accuracy": float(totals["correct"] / totals["count"])}
@@ -118,8 +125,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
   try:
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
-    config = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    return _train(config, run_dir, progress=progress, data=data)
+    config = _checked_config(run_dir, config, resume=resume, overwrite=overwrite)
+    return _train(config, run_dir, fresh=not resume, progress=progress, data=data)
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
@@ -147,18 +154,21 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
 
 
 def _prepare_parent(root: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  if root.exists() and any(root.iterdir()) and not (overwrite or resume):
-    raise ValueError(f"run directory {root} is not empty; pass --resume to continue it or "
-                     "--overwrite to replace it")
-  if overwrite and root.exists():
-    _remove_run(root)
+  if root.exists() and any(root.iterdir()) and not resume:
+    if not overwrite:
+      raise ValueError(f"run directory {root} is not empty; pass --resume to continue it or "
+                       "--overwrite to replace it")
+    if not _looks_like_run(root):
+      raise ValueError(f"--overwrite: {root} does not look like an mgpo-jax run directory; "
+                       "not deleting it")
+    shutil.rmtree(root)
   root.mkdir(parents=True, exist_ok=True)
 
 
-def _prepare_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
-                     overwrite: bool) -> FinetuneConfig:
-  """Refuses to touch a directory that holds anything but this run; returns the config to
-  use (the saved one on resume)."""
+def _checked_config(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
+                    overwrite: bool) -> FinetuneConfig:
+  """Checks (writing nothing) that ``run_dir`` may be used; returns the config to run (the
+  saved one on resume)."""
   config_file = run_dir / "config.json"
   if resume:
     if not config_file.exists():
@@ -172,21 +182,25 @@ def _prepare_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: b
     if not overwrite:
       raise ValueError(f"run directory {run_dir} is not empty; pass --resume to continue it "
                        "or --overwrite to replace it")
-    _remove_run(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  _write_atomic(config_file, config.to_json())
+    if not _looks_like_run(run_dir):
+      raise ValueError(f"--overwrite: {run_dir} does not look like an mgpo-jax run directory; "
+                       "not deleting it")
   return config
 
 
-def _remove_run(path: pathlib.Path) -> None:
-  """Deletes a previous run directory, but only one that mgpo-jax wrote."""
+def _start_run_dir(run_dir: pathlib.Path, config: FinetuneConfig) -> None:
+  """Replaces a previous run (checked by :func:`_checked_config`) and writes the config."""
+  if run_dir.exists() and any(run_dir.iterdir()):
+    shutil.rmtree(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  _write_atomic(run_dir / "config.json", config.to_json())
+
+
+def _looks_like_run(path: pathlib.Path) -> bool:
+  """Whether ``path`` was written by :func:`run` or :func:`run_compare`."""
   markers = ("config.json", "summary.json", "metrics.jsonl")
-  looks_like_run = any((path / m).exists() for m in markers) or any(
+  return any((path / m).exists() for m in markers) or any(
       (sub / "config.json").exists() for sub in path.iterdir() if sub.is_dir())
-  if not looks_like_run:
-    raise ValueError(f"--overwrite: {path} does not look like an mgpo-jax run directory; "
-                     "not deleting it")
-  shutil.rmtree(path)
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -195,7 +209,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, progress: bool,
+def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, fresh: bool, progress: bool,
            data: dict | None) -> dict[str, Any]:
   from tqdm.auto import tqdm
 
@@ -204,6 +218,8 @@ def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, progress: bool,
   mesh = make_mesh(config.devices) if config.devices > 1 else None
   trainer = Trainer(model, build_optimizer(config), mesh=mesh)
   state = trainer.init(config.seed)
+  if fresh:  # only now, when the inputs have proved good, is anything written
+    _start_run_dir(run_dir, config)
   metrics_file = run_dir / "metrics.jsonl"
   with Checkpointer(run_dir / "checkpoints", save_every=config.save_every,
                     keep=config.keep) as ckpt:
@@ -221,21 +237,22 @@ def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, progress: bool,
       for step in range(start + 1, config.steps + 1):
         state, m = trainer.train_step(state, trainer.shard_batch(next(batches)))
         window.append(m)
-        if step % LOG_EVERY == 0 or step == config.steps:
+        # Log windows also end at checkpoint steps, so a resumed run logs the same records.
+        if step % LOG_EVERY == 0 or step % config.save_every == 0 or step == config.steps:
           logged = _log_train(log, step, window)
           rate = len(window) * config.batch_size / (time.perf_counter() - t0)
           bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_per_s=f"{rate:.1f}")
           window, t0 = [], time.perf_counter()
         if step % config.eval_every == 0 or step == config.steps:
-          val = evaluate(trainer, state, data["validation"], config.batch_size)
+          val = evaluate(trainer, state, data["validation"])
           _write(log, {"step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
           bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f}")
         ckpt.save(step, state, metadata={"step": step, "data_position": step},
                   force=step == config.steps)
         bar.update(1)
       bar.close()
-      test = evaluate(trainer, state, data["test"], config.batch_size)
-      val = val or evaluate(trainer, state, data["validation"], config.batch_size)
+      test = evaluate(trainer, state, data["test"])
+      val = val or evaluate(trainer, state, data["validation"])
       _write(log, {"step": config.steps, "test_loss": test["loss"],
                    "test_accuracy": test["accuracy"]})
   trained = nnx.merge(trainer.graphdef, clean_params(state), trainer.rest)

@@ -32,9 +32,9 @@ class FinetuneConfig:
   warmup_fraction: float = 0.03
   rho: float | None = None  # None: the method's default (mgpo 0.05, sam 0.003)
   sign: float = 1.0
-  batch_size: int = 32
-  seq_len: int = 64
-  steps: int = 600
+  batch_size: int = 16
+  seq_len: int = 48  # covers 95% of the snippets' MiniLM token counts
+  steps: int = 300
   eval_every: int = 100
   save_every: int = 200
   keep: int = 2

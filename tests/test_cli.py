@@ -1,0 +1,175 @@
+"""The fine-tune job and the ``mgpo-jax finetune`` command: outputs, exact resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mgpo_jax import cli, finetune
+from mgpo_jax.finetune_config import FinetuneConfig
+
+TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=2, alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+  """A few real, tokenised Rotten Tomatoes examples per split (fast runs)."""
+  data = finetune.load_data(TINY["seq_len"])
+  rng = np.random.default_rng(0)
+  sizes = {"train": 48, "validation": 20, "test": 20}
+  out = {}
+  for name, n in sizes.items():
+    idx = rng.choice(len(data[name]["labels"]), n, replace=False)
+    out[name] = {k: v[idx] for k, v in data[name].items()}
+  return out
+
+
+def _run_cli(args, cwd):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  return subprocess.run([sys.executable, "-m", "mgpo_jax.cli", "finetune", *args], cwd=cwd,
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def _assert_one_line_error(result, *needles):
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mgpo-jax: error:"), result.stderr
+  assert "Traceback" not in result.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_cli_end_to_end(tmp_path):
+  run_dir = tmp_path / "run"
+  result = _run_cli(["--steps", "4", "--eval-every", "2", "--save-every", "2", "--batch-size",
+                     "4", "--seq-len", "16", "--rank", "2", "--run-dir", str(run_dir),
+                     "--no-progress"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "test accuracy" in result.stdout
+  config = json.loads((run_dir / "config.json").read_text())
+  assert config["optimizer"] == "mgpo" and config["rank"] == 2 and config["steps"] == 4
+  records = finetune.read_metrics(run_dir / "metrics.jsonl")
+  assert [r["step"] for r in records if "loss" in r] == [4]
+  assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
+  adapter_config = json.loads((run_dir / "adapters" / "adapter_config.json").read_text())
+  assert adapter_config["r"] == 2 and adapter_config["peft_type"] == "LORA"
+  tensors = load_file(run_dir / "adapters" / "adapter_model.safetensors")
+  assert any(k.endswith("query.lora_A.weight") for k in tensors)
+  assert all("lora_" in k or "classifier" in k for k in tensors)  # adapters and head only
+  assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _interrupt_after(monkeypatch, calls):
+  real = finetune.Trainer.train_step
+  count = {"n": 0}
+
+  def step(self, state, batch):
+    count["n"] += 1
+    if count["n"] > calls:
+      raise KeyboardInterrupt
+    return real(self, state, batch)
+
+  monkeypatch.setattr(finetune.Trainer, "train_step", step)
+
+
+def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
+  config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "full"))
+  full = finetune.run(config, progress=False, data=small_data)
+
+  interrupted = config.replace(run_dir=str(tmp_path / "resumed"))
+  with monkeypatch.context() as m:
+    _interrupt_after(m, 4)  # dies after step 4; the last checkpoint is step 3
+    with pytest.raises(KeyboardInterrupt):
+      finetune.run(interrupted, progress=False, data=small_data)
+  resumed = finetune.run(interrupted.replace(steps=999), resume=True, progress=False,
+                         data=small_data)  # the saved config wins over new values
+
+  assert resumed == full
+  assert (finetune.read_metrics(tmp_path / "full" / "metrics.jsonl")
+          == finetune.read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+  a = load_file(tmp_path / "full" / "adapters" / "adapter_model.safetensors")
+  b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
+  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2}, run_dir=str(tmp_path))
+  summaries = finetune.run_compare(config, ("adamw", "mgpo"), progress=False)
+  assert set(summaries) == {"adamw", "mgpo"}
+  assert (tmp_path / "compare.png").exists()
+  assert json.loads((tmp_path / "summary.json").read_text()) == summaries
+  table = capsys.readouterr().out
+  assert "adamw" in table and "mgpo" in table and "test acc" in table
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--optimizer", "lion"], ["--optimizer", "adamw, mgpo, sam", "lion"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--lr=-1e-3"], ["--lr"]),
+    (["--rank", "0"], ["--rank", "positive integer"]),
+    (["--batch-size", "6", "--devices", "4"], ["--batch-size", "--devices"]),
+    (["--sign", "2"], ["--sign", "+1 or -1"]),
+    (["--compare", "adamw,foo"], ["--compare", "foo"]),
+])
+def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
+  assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), *args]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mgpo-jax: error:") and len(err.splitlines()) == 1
+  for needle in needles:
+    assert needle in err
+  assert not (tmp_path / "r").exists()  # nothing created
+
+
+def test_unknown_target_module(tmp_path, capsys, small_data, monkeypatch):
+  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  code = cli.main(["finetune", "--target-modules", "qkv", "--run-dir", str(tmp_path / "r"),
+                   "--no-progress"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1
+  assert "qkv" in err and "attention.self.query" in err  # lists the linear module paths
+
+
+def test_run_directory_is_protected(tmp_path, small_data):
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "notes.txt").write_text("mine")
+  config = FinetuneConfig(**TINY, run_dir=str(run_dir))
+  with pytest.raises(finetune.UserError, match="not empty"):
+    finetune.run(config, progress=False, data=small_data)
+  with pytest.raises(finetune.UserError, match="does not look like an mgpo-jax run"):
+    finetune.run(config, overwrite=True, progress=False, data=small_data)
+  with pytest.raises(finetune.UserError, match="holds no run"):
+    finetune.run(config, resume=True, progress=False, data=small_data)
+  assert (run_dir / "notes.txt").read_text() == "mine"
+  assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_data, capsys, monkeypatch):
+  config = FinetuneConfig(**{**TINY, "steps": 3}, run_dir=str(tmp_path / "run"))
+  finetune.run(config, progress=False, data=small_data)
+  state_dir = tmp_path / "run" / "checkpoints" / "3" / "state"
+  victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0
+             and "ocdbt" not in p.name]
+  data_files = [p for p in victims if p.parent.name == "d"] or victims
+  before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+  target = max(data_files, key=lambda p: p.stat().st_size)
+  target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+  before[target] = target.read_bytes()
+
+  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  code = cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert "checkpoint step 3" in err
+  after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+  assert after == before  # nothing overwritten or lost
