@@ -154,15 +154,23 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
 
 
 def _prepare_parent(root: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  if root.exists() and any(root.iterdir()) and not resume:
-    if not overwrite:
-      raise ValueError(f"run directory {root} is not empty; pass --resume to continue it or "
-                       "--overwrite to replace it")
-    if not _looks_like_run(root):
-      raise ValueError(f"--overwrite: {root} does not look like an mgpo-jax run directory; "
-                       "not deleting it")
+  if not resume and _check_replaceable(root, overwrite):
     shutil.rmtree(root)
   root.mkdir(parents=True, exist_ok=True)
+
+
+def _check_replaceable(run_dir: pathlib.Path, overwrite: bool) -> bool:
+  """Whether ``run_dir`` holds a previous run to replace; raises if it holds anything that
+  may not be replaced."""
+  if not (run_dir.exists() and any(run_dir.iterdir())):
+    return False
+  if not overwrite:
+    raise ValueError(f"run directory {run_dir} is not empty; pass --resume to continue it or "
+                     "--overwrite to replace it")
+  if not _looks_like_run(run_dir):
+    raise ValueError(f"--overwrite: {run_dir} does not look like an mgpo-jax run directory; "
+                     "not deleting it")
+  return True
 
 
 def _checked_config(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
@@ -178,13 +186,7 @@ def _checked_config(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bo
     except (ValueError, TypeError) as err:
       raise ValueError(f"--resume: {config_file} is not a valid run config ({err})") from err
     return saved.replace(run_dir=str(run_dir))
-  if run_dir.exists() and any(run_dir.iterdir()):
-    if not overwrite:
-      raise ValueError(f"run directory {run_dir} is not empty; pass --resume to continue it "
-                       "or --overwrite to replace it")
-    if not _looks_like_run(run_dir):
-      raise ValueError(f"--overwrite: {run_dir} does not look like an mgpo-jax run directory; "
-                       "not deleting it")
+  _check_replaceable(run_dir, overwrite)
   return config
 
 

@@ -91,26 +91,11 @@ class BertSelfAttention(nnx.Module):
     return out.reshape(*x.shape[:-1], -1)
 
 
-class BertSelfOutput(nnx.Module):
-  """Dense, dropout, residual, LayerNorm after the attention."""
-
-  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dense = nnx.Linear(config.hidden_size, config.hidden_size, **kw)
-    self.LayerNorm = nnx.LayerNorm(
-      config.hidden_size, epsilon=config.layer_norm_eps, use_fast_variance=False, **kw
-    )
-    self.dropout = _dropout(config.hidden_dropout_prob, rngs)
-
-  def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
-    return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
 class BertAttention(nnx.Module):
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.self = BertSelfAttention(config, **kw)  # HF's attribute name, kept for the paths
-    self.output = BertSelfOutput(config, **kw)
+    self.output = BertOutput(config, config.hidden_size, **kw)  # HF's BertSelfOutput
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     return self.output(self.self(x, mask), x)
@@ -129,11 +114,14 @@ class BertIntermediate(nnx.Module):
 
 
 class BertOutput(nnx.Module):
-  """Dense back to hidden size, dropout, residual, LayerNorm after the MLP."""
+  """Dense to hidden size, dropout, residual, LayerNorm: after the attention (HF's
+  ``BertSelfOutput``, ``in_features`` = hidden size) and after the MLP (``BertOutput``,
+  ``in_features`` = intermediate size)."""
 
-  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+  def __init__(self, config: BertConfig, in_features: int, *, rngs: nnx.Rngs, dtype: Any,
+               param_dtype: Any):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dense = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
+    self.dense = nnx.Linear(in_features, config.hidden_size, **kw)
     self.LayerNorm = nnx.LayerNorm(
       config.hidden_size, epsilon=config.layer_norm_eps, use_fast_variance=False, **kw
     )
@@ -148,7 +136,7 @@ class BertLayer(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.attention = BertAttention(config, **kw)
     self.intermediate = BertIntermediate(config, **kw)
-    self.output = BertOutput(config, **kw)
+    self.output = BertOutput(config, config.intermediate_size, **kw)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.attention(x, mask)
