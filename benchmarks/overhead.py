@@ -1,0 +1,150 @@
+"""Cost: per-step time, optimizer-state bytes and XLA buffer sizes of the MiniLM LoRA train step
+(r=8, alpha=16 on query/value, classifier head trained) with AdamW, LoRA-MGPO and SAM.
+
+All train steps are compiled first; then rounds of ``adamw, mgpo, sam, adamw, mgpo, sam, ...``
+each time a few steps (``jax.block_until_ready``) in ONE process, so slow drifts of the machine
+hit every method alike. The ratio against AdamW is the median over rounds of the per-round
+ratio. Memory: the bytes of the optimizer-state leaves, and the compiled step's
+``memory_analysis()`` (argument, output and temporary buffers that XLA allocates for one step).
+
+    .venv/bin/python benchmarks/overhead.py           # MiniLM, 16x64 and 32x128 (CPU: ~6 min)
+    .venv/bin/python benchmarks/overhead.py --quick   # tiny random BERT, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+if __package__ in (None, ""):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common  # noqa: E402
+
+OPTIMIZERS = ("adamw", "mgpo", "sam")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="tiny random BERT, few steps")
+  p.add_argument("--settings", nargs="+", default=["16x64", "32x128"],
+                 help="batch x sequence length, e.g. 16x64")
+  p.add_argument("--rounds", type=int, default=8)
+  p.add_argument("--steps-per-round", type=int, default=3)
+  p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "overhead.json")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.settings, args.rounds, args.steps_per_round = ["4x16"], 3, 2
+  try:
+    args.settings = [tuple(int(v) for v in s.lower().split("x")) for s in args.settings]
+  except ValueError:
+    p.error(f"--settings takes BATCHxSEQ values such as 16x64; got {args.settings}")
+  if any(len(s) != 2 or min(s) < 1 for s in args.settings) or args.rounds < 1:
+    p.error("--settings takes BATCHxSEQ with positive sizes; --rounds must be >= 1")
+  return args
+
+
+def _compile(trainer, state, batch):
+  """The trainer's jitted step compiled ahead of time, and its buffer sizes as XLA reports them
+  (``None`` if it does not). ``Trainer`` has no public ``lower``; its jitted step is used."""
+  compiled = trainer._train.lower(state, trainer.rest, batch).compile()
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return compiled, None
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  return compiled, {k.removesuffix("_size_in_bytes"): int(getattr(analysis, k)) for k in keys
+                    if hasattr(analysis, k)}
+
+
+def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from mgpo_jax import finetune
+  from mgpo_jax.finetune_config import FinetuneConfig
+  from mgpo_jax.lora import lora_modules
+  from mgpo_jax.train import Trainer
+
+  config = FinetuneConfig(rank=8, alpha=16.0, batch_size=batch_size, seq_len=seq_len)
+  build = _common.build_tiny_model if args.quick else finetune.build_model
+  model, _ = build(config)
+  vocab = _common.tiny_bert_config().vocab_size if args.quick else 30522
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(1, vocab, (batch_size, seq_len), dtype=np.int32),
+           "attention_mask": np.ones((batch_size, seq_len), np.int32),
+           "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
+           "labels": rng.integers(0, 2, batch_size, dtype=np.int32)}
+  trainers, states, out = {}, {}, {}
+  for name in OPTIMIZERS:
+    trainer = Trainer(model, finetune.build_optimizer(config.replace(optimizer=name)))
+    batch_dev = trainer.shard_batch(batch)
+    state = trainer.init(0)
+    t0 = time.perf_counter()
+    step, memory = _compile(trainer, state, batch_dev)
+    compile_s = time.perf_counter() - t0
+    state, m = step(state, trainer.rest, batch_dev)  # warm-up
+    jax.block_until_ready((state, m))
+    out[name] = {"compile_s": compile_s, "opt_state_bytes": _common.tree_nbytes(state.opt_state),
+                 "opt_state_leaves": len(jax.tree.leaves(state.opt_state)),
+                 "xla_memory": memory}
+    trainers[name], states[name] = (step, trainer.rest, batch_dev), state
+  times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+  for _ in range(args.rounds):
+    for name in OPTIMIZERS:
+      step, rest, batch_dev = trainers[name]
+      state = states[name]
+      t0 = time.perf_counter()
+      for _ in range(args.steps_per_round):
+        state, m = step(state, rest, batch_dev)
+      jax.block_until_ready((state, m))
+      times[name].append((time.perf_counter() - t0) / args.steps_per_round)
+      states[name] = state
+  base = np.asarray(times["adamw"])
+  for name in OPTIMIZERS:
+    t = np.asarray(times[name])
+    out[name].update({"step_s_median": float(np.median(t)), "step_s_all": t.tolist(),
+                      "time_ratio_vs_adamw": float(np.median(t / base)),
+                      "opt_state_extra_bytes_vs_adamw":
+                          out[name]["opt_state_bytes"] - out["adamw"]["opt_state_bytes"]})
+  params = states["adamw"].params
+  return {"batch_size": batch_size, "seq_len": seq_len,
+          "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+          "trainable_bytes": _common.tree_nbytes(params),
+          "lora_modules": len(lora_modules(model)), "methods": out,
+          "model_params": int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model))))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Measures every setting; writes ``--out`` (JSON) and returns the results dict."""
+  args = parse_args(argv)
+  info = _common.machine_info("overhead.py", argv)
+  _common.print_machine(info)
+  results = {"machine": info, "model": "tiny random BERT" if args.quick else "all-MiniLM-L6-v2",
+             "rounds": args.rounds, "steps_per_round": args.steps_per_round, "settings": []}
+  for batch_size, seq_len in args.settings:
+    r = _setting(args, batch_size, seq_len)
+    results["settings"].append(r)
+    print(f"\nbatch {batch_size} x seq {seq_len}: {r['trainable_params']} trainable params in "
+          f"{r['lora_modules']} LoRA modules (+ head); {args.rounds} rounds x "
+          f"{args.steps_per_round} steps")
+    print(f"{'method':7s} {'step ms':>9s} {'vs adamw':>9s} {'opt-state B':>12s} {'extra B':>9s} "
+          f"{'XLA temp B':>12s} {'XLA arg B':>12s}")
+    for name, m in r["methods"].items():
+      mem = m["xla_memory"] or {}
+      print(f"{name:7s} {1e3 * m['step_s_median']:>9.1f} {m['time_ratio_vs_adamw']:>9.3f} "
+            f"{m['opt_state_bytes']:>12d} {m['opt_state_extra_bytes_vs_adamw']:>9d} "
+            f"{mem.get('temp', -1):>12d} {mem.get('argument', -1):>12d}")
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(results, indent=1))
+  print(f"wrote {args.out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()
