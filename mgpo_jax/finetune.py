@@ -257,8 +257,8 @@ def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, fresh: bool, progre
       val = val or evaluate(trainer, state, data["validation"])
       _write(log, {"step": config.steps, "test_loss": test["loss"],
                    "test_accuracy": test["accuracy"]})
-  trained = nnx.merge(trainer.graphdef, clean_params(state), trainer.rest)
-  save_adapters(run_dir / "adapters", trained, lora, task_type="SEQ_CLS")
+  nnx.update(model, clean_params(state))  # the clean θ into the (unchanged) model object
+  save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS")
   plot_curves({config.optimizer: read_metrics(metrics_file)}, run_dir / "curves.png",
               title=f"{config.optimizer}, LoRA r={config.rank}")
   majority = float(max(np.mean(data["test"]["labels"]), 1 - np.mean(data["test"]["labels"])))

@@ -63,6 +63,7 @@ def test_cli_end_to_end(tmp_path):
   tensors = load_file(run_dir / "adapters" / "adapter_model.safetensors")
   assert any(k.endswith("query.lora_A.weight") for k in tensors)
   assert all("lora_" in k or "classifier" in k for k in tensors)  # adapters and head only
+  assert all(np.abs(v).max() > 0 for k, v in tensors.items() if "lora_B" in k)  # trained (B0 = 0)
   assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
