@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="tiny random BERT, few steps")
   p.add_argument("--settings", nargs="+", default=["16x64", "32x128"],
                  help="batch x sequence length, e.g. 16x64")
-  p.add_argument("--rounds", type=int, default=8)
-  p.add_argument("--steps-per-round", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--steps-per-round", type=int, default=2)
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "overhead.json")
   args = p.parse_args(argv)
   if args.quick:
