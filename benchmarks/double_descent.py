@@ -10,7 +10,7 @@ each block of 10 steps, ``l_1, l_2, ...``; it is smoothed by a trailing moving a
 
 the largest rise of the smoothed loss above its running minimum.
 
-    .venv/bin/python benchmarks/double_descent.py           # full (CPU: ~15 min)
+    .venv/bin/python benchmarks/double_descent.py           # full (CPU: ~9 min)
     .venv/bin/python benchmarks/double_descent.py --quick   # tiny random BERT, seconds
 """
 
@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="tiny random BERT and data, a few steps")
   p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 256])
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-  p.add_argument("--lr", type=float, default=1e-2)
-  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--lr", type=float, default=5e-3)
+  p.add_argument("--steps", type=int, default=120)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seq-len", type=int, default=40)
   p.add_argument("--seed", type=int, default=0)
