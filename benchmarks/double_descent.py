@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path("/tmp/mgpo_dd_runs"))
   args = p.parse_args(argv)
   if args.quick:
-    args.ranks, args.steps, args.batch_size, args.seq_len = [2, 8], 30, 8, 16
+    args.ranks, args.steps, args.batch_size, args.seq_len = [4], 30, 8, 16
   if min(args.ranks) < 1 or args.steps < 10:
     p.error("--ranks must be positive and --steps >= 10 (the loss is logged every 10 steps)")
   return args
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   from mgpo_jax.finetune_config import FinetuneConfig
 
   args = parse_args(argv)
-  _common.enable_compilation_cache()
+  if not args.quick:  # the cache is process-wide: leave a test process's config alone
+    _common.enable_compilation_cache()
   info = _common.machine_info("double_descent.py", argv)
   _common.print_machine(info)
   t_start = time.perf_counter()

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the protocol; writes the JSON (``--out``) and the plot (``--plot``); returns the
   results dict."""
   args = parse_args(argv)
-  _common.enable_compilation_cache()
+  if not args.quick:  # the cache is process-wide: leave a test process's config alone
+    _common.enable_compilation_cache()
   info = _common.machine_info("quality.py", argv)
   _common.print_machine(info)
   t_start = time.perf_counter()

@@ -69,14 +69,15 @@ def test_overhead_quick(tmp_path, capsys):
   assert "machine:" in printed and "versions:" in printed and "benchmarks/overhead.py" in printed
 
 
+@pytest.mark.slow  # about 40-60 s on 2 cores: compiles dominate
 def test_quality_quick(tmp_path):
   out, plot = tmp_path / "quality.json", tmp_path / "quality.png"
-  results = quality.main(["--quick", "--methods", "lora", "mgpo+1", "--out", str(out),
+  results = quality.main(["--quick", "--methods", "lora", "mgpo-1", "--out", str(out),
                           "--plot", str(plot), "--work-dir", str(tmp_path / "runs")])
   assert json.loads(out.read_text()).keys() == results.keys()
   assert {"machine", "protocol", "grid_val_accuracy", "summary", "runs"} <= results.keys()
   assert plot.stat().st_size > 0
-  for method in ("lora", "mgpo+1"):
+  for method in ("lora", "mgpo-1"):
     grid = results["grid_val_accuracy"][method]
     summary = results["summary"][method]
     # The rate is picked on validation accuracy, from the grid.
@@ -96,8 +97,7 @@ def test_double_descent_quick(tmp_path):
                                  "--work-dir", str(tmp_path / "runs")])
   assert plot.stat().st_size > 0
   runs = results["runs"]
-  assert {(r["rank"], r["method"]) for r in runs} == {(2, "lora"), (2, "mgpo"), (8, "lora"),
-                                                      (8, "mgpo")}
+  assert {(r["rank"], r["method"]) for r in runs} == {(4, "lora"), (4, "mgpo")}
   for r in runs:
     losses = [v for _, v in r["loss_curve"]]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
