@@ -69,7 +69,7 @@ def test_overhead_quick(tmp_path, capsys):
   assert "machine:" in printed and "versions:" in printed and "benchmarks/overhead.py" in printed
 
 
-@pytest.mark.slow  # about 40-60 s on 2 cores: compiles dominate
+@pytest.mark.slow  # about 90 s on 2 cores: XLA compiles dominate
 def test_quality_quick(tmp_path):
   out, plot = tmp_path / "quality.json", tmp_path / "quality.png"
   results = quality.main(["--quick", "--methods", "lora", "mgpo-1", "--out", str(out),
