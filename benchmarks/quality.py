@@ -7,7 +7,7 @@ all); then more seeds at the chosen rate; test accuracy is read only for reporti
 each final run: the top Hessian eigenvalue of the validation loss w.r.t. the trainable params
 (LoRA factors and the classifier head), at the clean params, on a fixed validation batch.
 
-    .venv/bin/python benchmarks/quality.py            # the full protocol (CPU: ~30 min)
+    .venv/bin/python benchmarks/quality.py            # the full protocol (CPU: ~22 min)
     .venv/bin/python benchmarks/quality.py --quick    # tiny random BERT, seconds
 """
 
