@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _compile(trainer, state, batch):
   """The trainer's jitted step compiled ahead of time, and its buffer sizes as XLA reports them
   (``None`` if it does not). ``Trainer`` has no public ``lower``; its jitted step is used."""
-  compiled = trainer._train.lower(state, trainer.rest, batch).compile()
+  compiled = trainer.lower(state, batch).compile()
   analysis = compiled.memory_analysis()
   if analysis is None:
     return compiled, None

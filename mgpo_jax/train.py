@@ -258,6 +258,11 @@ class Trainer:
     sharding = NamedSharding(self.mesh, P(DATA_AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
+  def lower(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
+    """The lowered train step, for inspection: ``.compile().memory_analysis()``,
+    ``.as_text()``. The frozen weights are an argument, not constants baked into it."""
+    return self._train.lower(state, self.rest, batch)
+
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """One optimizer step: ``(new state, {"loss": mean loss, **summed metrics})``."""
     _check_batch(batch, self.num_devices, self.accum_steps)
