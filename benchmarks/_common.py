@@ -66,20 +66,17 @@ def tiny_bert_config():
                     intermediate_size=64, vocab_size=128, max_position_embeddings=64)
 
 
-def build_tiny_model(config):
-  """Like :func:`mgpo_jax.finetune.build_model`, on :func:`tiny_bert_config` (random weights)."""
+def build_tiny_model(config, build_model=None):
+  """:func:`mgpo_jax.finetune.build_model` on :func:`tiny_bert_config` (random weights)."""
   from flax import nnx
 
-  from mgpo_jax.lora import LoraConfig, apply_lora
+  from mgpo_jax import finetune
   from mgpo_jax.models import BertForSequenceClassification
 
-  model = BertForSequenceClassification(
+  base = BertForSequenceClassification(
       tiny_bert_config(), num_labels=2, pooling=config.pooling,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  lora = LoraConfig(target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
-                    modules_to_save=("classifier",))
-  apply_lora(model, lora, rngs=nnx.Rngs(params=config.seed + 2, dropout=config.seed + 3))
-  return model, lora
+  return (build_model or finetune.build_model)(config, base)
 
 
 @contextlib.contextmanager
@@ -91,7 +88,10 @@ def tiny_model_patch(quick: bool) -> Iterator[None]:
     return
   from unittest import mock
 
-  with mock.patch("mgpo_jax.finetune.build_model", build_tiny_model):
+  from mgpo_jax import finetune
+
+  real = finetune.build_model
+  with mock.patch.object(finetune, "build_model", lambda config: build_tiny_model(config, real)):
     yield
 
 

@@ -66,10 +66,11 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   return adamw
 
 
-def build_model(config: FinetuneConfig) -> tuple[nnx.Module, LoraConfig]:
-  """MiniLM with a fresh 2-way head and LoRA on ``config.target_modules``; the head is
-  trained in full (PEFT's ``modules_to_save``)."""
-  model = BertForSequenceClassification.from_pretrained(
+def build_model(config: FinetuneConfig,
+                base: nnx.Module | None = None) -> tuple[nnx.Module, LoraConfig]:
+  """LoRA on ``config.target_modules`` of ``base`` (default: MiniLM with a fresh 2-way head,
+  pooling ``config.pooling``); the head is trained in full (PEFT's ``modules_to_save``)."""
+  model = base or BertForSequenceClassification.from_pretrained(
       minilm_path(), num_labels=2, pooling=config.pooling,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
   lora = LoraConfig(target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
