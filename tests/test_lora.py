@@ -34,35 +34,10 @@ from mgpo_jax.lora import (
   split_lora,
   trainable,
 )
+from tiny_nnx import tiny
 
 D, H, V, C = 6, 5, 11, 3
-
-
-class Block(nnx.Module):
-  def __init__(self, rngs):
-    self.query = nnx.Linear(D, D, rngs=rngs)
-    self.value = nnx.Linear(D, D, rngs=rngs)
-    self.dense = nnx.Linear(D, H, use_bias=False, rngs=rngs)
-    self.up = nnx.Linear(H, D, rngs=rngs)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.query(x)) * self.value(x)
-    return x + self.up(jax.nn.gelu(self.dense(h)))
-
-
-class Tiny(nnx.Module):
-  """Embedding + two blocks in an nnx.List + pooled classifier head."""
-
-  def __init__(self, rngs):
-    self.emb = nnx.Embed(V, D, rngs=rngs)
-    self.layers = nnx.List([Block(rngs), Block(rngs)])
-    self.classifier = nnx.Linear(D, C, rngs=rngs)
-
-  def __call__(self, ids):
-    h = self.emb(ids)
-    for layer in self.layers:
-      h = layer(h)
-    return self.classifier(h.mean(axis=1))
+Tiny = tiny(d=D, h=H, v=V, c=C)
 
 
 def _ids(seed=0, shape=(4, 7)):

@@ -25,6 +25,7 @@ from mgpo_jax.lora import (  # noqa: E402
   clear_perturbations,
 )
 from mgpo_jax.peft_io import load_adapters, save_adapters  # noqa: E402
+from tiny_nnx import tiny  # noqa: E402
 
 D, H, V, C = 8, 6, 13, 3
 nn_t = torch.nn
@@ -54,29 +55,7 @@ class TorchTiny(nn_t.Module):
       h = layer(h)
     return self.classifier(h.mean(dim=1))
 
-
-class Block(nnx.Module):
-  def __init__(self, rngs):
-    self.query, self.value = nnx.Linear(D, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
-    self.dense = nnx.Linear(D, H, use_bias=False, rngs=rngs)
-    self.up = nnx.Linear(H, D, rngs=rngs)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.query(x)) * self.value(x)
-    return x + self.up(jax.nn.gelu(self.dense(h), approximate=False))
-
-
-class Tiny(nnx.Module):
-  def __init__(self, rngs):
-    self.emb = nnx.Embed(V, D, rngs=rngs)
-    self.layers = nnx.List([Block(rngs), Block(rngs)])
-    self.classifier = nnx.Linear(D, C, rngs=rngs)
-
-  def __call__(self, ids):
-    h = self.emb(ids)
-    for layer in self.layers:
-      h = layer(h)
-    return self.classifier(h.mean(axis=1))
+Tiny = tiny(d=D, h=H, v=V, c=C)
 
 
 def _torch_base(seed=0):
