@@ -9,7 +9,6 @@ import pathlib
 import platform
 import shlex
 import sys
-from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -66,33 +65,23 @@ def tiny_bert_config():
                     intermediate_size=64, vocab_size=128, max_position_embeddings=64)
 
 
-def build_tiny_model(config, build_model=None):
-  """:func:`mgpo_jax.finetune.build_model` on :func:`tiny_bert_config` (random weights)."""
+def tiny_base_model(config):
+  """A random BERT of :func:`tiny_bert_config` with a 2-way head: the ``base_model`` of the
+  ``--quick`` runs (``finetune.run(..., base_model=tiny_base_model)``)."""
   from flax import nnx
 
-  from mgpo_jax import finetune
   from mgpo_jax.models import BertForSequenceClassification
 
-  base = BertForSequenceClassification(
+  return BertForSequenceClassification(
       tiny_bert_config(), num_labels=2, pooling=config.pooling,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  return (build_model or finetune.build_model)(config, base)
 
 
-@contextlib.contextmanager
-def tiny_model_patch(quick: bool) -> Iterator[None]:
-  """In ``--quick`` mode, :func:`mgpo_jax.finetune.run` builds the tiny model instead of
-  MiniLM (``run`` has no model argument)."""
-  if not quick:
-    yield
-    return
-  from unittest import mock
-
+def build_tiny_model(config):
+  """:func:`mgpo_jax.finetune.build_model` on :func:`tiny_base_model`."""
   from mgpo_jax import finetune
 
-  real = finetune.build_model
-  with mock.patch.object(finetune, "build_model", lambda config: build_tiny_model(config, real)):
-    yield
+  return finetune.build_model(config, tiny_base_model(config))
 
 
 def random_data(num: dict[str, int], seq_len: int, vocab: int = 128,

@@ -116,26 +116,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {"train": data["train"], **{k: {n: a[:128] for n, a in data[k].items()}
                                        for k in ("validation", "test")}}
   runs = []
-  with _common.tiny_model_patch(args.quick):
-    for rank in args.ranks:
-      for method in args.methods:
-        config = FinetuneConfig(
-            rank=rank, alpha=float(rank), lr=args.lr, weight_decay=0.0,
-            batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-            eval_every=args.steps, save_every=args.steps, keep=1, seed=args.seed,
-            run_dir=str(args.work_dir / f"{method}_r{rank}"), **METHODS[method])
-        t0 = time.perf_counter()
-        finetune.run(config, overwrite=True, progress=False, data=data)
-        records = finetune.read_metrics(pathlib.Path(config.run_dir) / "metrics.jsonl")
-        curve = [[r["step"], r["loss"]] for r in records if "loss" in r]
-        losses = [v for _, v in curve]
-        run = {"rank": rank, "method": method, "loss_curve": curve,
-               "smoothed": smooth(losses).tolist(), "bump": bump_size(losses),
-               "final_loss": float(np.mean(losses[-SMOOTH:])), "min_smoothed":
-               float(np.min(smooth(losses))), "seconds": time.perf_counter() - t0}
-        runs.append(run)
-        print(f"r={rank:<4d} {method:5s} bump {run['bump']:.4f}, final loss "
-              f"{run['final_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
+  base = _common.tiny_base_model if args.quick else None  # --quick: a tiny random BERT
+  for rank in args.ranks:
+    for method in args.methods:
+      config = FinetuneConfig(
+          rank=rank, alpha=float(rank), lr=args.lr, weight_decay=0.0,
+          batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+          eval_every=args.steps, save_every=args.steps, keep=1, seed=args.seed,
+          run_dir=str(args.work_dir / f"{method}_r{rank}"), **METHODS[method])
+      t0 = time.perf_counter()
+      finetune.run(config, overwrite=True, progress=False, data=data, base_model=base)
+      records = finetune.read_metrics(pathlib.Path(config.run_dir) / "metrics.jsonl")
+      curve = [[r["step"], r["loss"]] for r in records if "loss" in r]
+      losses = [v for _, v in curve]
+      run = {"rank": rank, "method": method, "loss_curve": curve,
+             "smoothed": smooth(losses).tolist(), "bump": bump_size(losses),
+             "final_loss": float(np.mean(losses[-SMOOTH:])), "min_smoothed":
+             float(np.min(smooth(losses))), "seconds": time.perf_counter() - t0}
+      runs.append(run)
+      print(f"r={rank:<4d} {method:5s} bump {run['bump']:.4f}, final loss "
+            f"{run['final_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
   results = {"machine": info,
              "protocol": {"model": "tiny random BERT" if args.quick else "all-MiniLM-L6-v2",
                           "data": "random tokens" if args.quick else "Rotten Tomatoes",

@@ -70,7 +70,7 @@ def _data(args: argparse.Namespace) -> dict[str, dict]:
   return data
 
 
-def _sharpness(config, data: dict[str, dict]) -> float:
+def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
   """Top Hessian eigenvalue of the eval-mode loss on the first validation examples, w.r.t. the
   trainable params, at the clean params of the run's final checkpoint."""
   import jax
@@ -81,7 +81,7 @@ def _sharpness(config, data: dict[str, dict]) -> float:
   from mgpo_jax.checkpoint import Checkpointer
   from mgpo_jax.train import Trainer, classification_loss, clean_params
 
-  model, _ = finetune.build_model(config)
+  model, _ = finetune.build_model(config, base_model(config) if base_model else None)
   trainer = Trainer(model, finetune.build_optimizer(config))
   with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
     state, _ = ckpt.restore(trainer.abstract_state())
@@ -98,7 +98,7 @@ def _sharpness(config, data: dict[str, dict]) -> float:
   return float(value)
 
 
-def _one_run(args, data, method: str, lr: float, seed: int) -> dict[str, Any]:
+def _one_run(args, data, method: str, lr: float, seed: int, base_model=None) -> dict[str, Any]:
   from mgpo_jax import finetune
   from mgpo_jax.finetune_config import FinetuneConfig
 
@@ -108,7 +108,8 @@ def _one_run(args, data, method: str, lr: float, seed: int) -> dict[str, Any]:
       save_every=args.steps, keep=1, seed=seed,
       run_dir=str(args.work_dir / f"{method}_lr{lr:g}_seed{seed}"), **METHODS[method])
   t0 = time.perf_counter()
-  summary = finetune.run(config, overwrite=True, progress=False, data=data)
+  summary = finetune.run(config, overwrite=True, progress=False, data=data,
+                         base_model=base_model)
   metrics = finetune.read_metrics(pathlib.Path(config.run_dir) / "metrics.jsonl")
   return {"method": method, "lr": lr, "seed": seed, "config": config, "seconds":
           time.perf_counter() - t0, "val_accuracy": summary["val_accuracy"],
@@ -157,25 +158,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   data = _data(args)
   grid: dict[str, dict[str, float]] = {m: {} for m in args.methods}
   final: dict[str, list[dict]] = {m: [] for m in args.methods}
-  with _common.tiny_model_patch(args.quick):
-    seed0 = {}
-    for lr in args.lrs:
-      for method in args.methods:
-        r = _one_run(args, data, method, lr, seed=0)
-        grid[method][f"{lr:g}"] = r["val_accuracy"]
-        seed0[method, lr] = r
-        print(f"grid {method:7s} lr {lr:g}: validation accuracy {r['val_accuracy']:.4f} "
-              f"({r['seconds']:.0f} s)", flush=True)
-    best = {m: max(args.lrs, key=lambda lr, m=m: grid[m][f"{lr:g}"]) for m in args.methods}
+  base = _common.tiny_base_model if args.quick else None  # --quick: a tiny random BERT
+  seed0 = {}
+  for lr in args.lrs:
     for method in args.methods:
-      final[method].append(seed0[method, best[method]])
-      for seed in range(1, args.seeds):
-        final[method].append(_one_run(args, data, method, best[method], seed))
-      for r in final[method]:
-        r["top_hessian_eigenvalue"] = _sharpness(r["config"], data)
-        print(f"final {method:7s} lr {r['lr']:g} seed {r['seed']}: test accuracy "
-              f"{r['test_accuracy']:.4f}, top Hessian eigenvalue "
-              f"{r['top_hessian_eigenvalue']:.4g}", flush=True)
+      r = _one_run(args, data, method, lr, 0, base)
+      grid[method][f"{lr:g}"] = r["val_accuracy"]
+      seed0[method, lr] = r
+      print(f"grid {method:7s} lr {lr:g}: validation accuracy {r['val_accuracy']:.4f} "
+            f"({r['seconds']:.0f} s)", flush=True)
+  best = {m: max(args.lrs, key=lambda lr, m=m: grid[m][f"{lr:g}"]) for m in args.methods}
+  for method in args.methods:
+    final[method].append(seed0[method, best[method]])
+    for seed in range(1, args.seeds):
+      final[method].append(_one_run(args, data, method, best[method], seed, base))
+    for r in final[method]:
+      r["top_hessian_eigenvalue"] = _sharpness(r["config"], data, base)
+      print(f"final {method:7s} lr {r['lr']:g} seed {r['seed']}: test accuracy "
+            f"{r['test_accuracy']:.4f}, top Hessian eigenvalue "
+            f"{r['top_hessian_eigenvalue']:.4g}", flush=True)
   for runs in final.values():
     for r in runs:
       r.pop("config")

@@ -1,21 +1,46 @@
 """mgpo-jax: flat-minima LoRA fine-tuning in JAX.
 
 LoRA-MGPO (momentum-guided perturbation) as an Optax transform, LoRA adapters for Flax NNX
-models, and a jitted data-parallel train step. The math is in ``docs/`` and
-``ALGORITHMS.md``.
+models, and a jitted data-parallel train step. The math is in ``docs/``.
+
+The public names below are imported on first use, so ``import mgpo_jax`` is cheap and pulls
+in neither transformers, torch, orbax, matplotlib nor tqdm.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
-from mgpo_jax.transform import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
-from mgpo_jax.analysis import top_hessian_eigenvalue
-from mgpo_jax.data import (DataUnavailableError, Split, batch_iterator, eval_batch_iterator,
-                           load_rotten_tomatoes, minilm_path, tokenize)
-from mgpo_jax.checkpoint import CheckpointError, Checkpointer
-from mgpo_jax.train import (TrainState, Trainer, classification_loss, clean_params,
-                            make_mesh)
-from mgpo_jax.lora import (DenseNoise, LoraConfig, LoraLinear, LowRank, apply_lora,
-                           clear_perturbations, frozen, init_lora_params, lora_labels,
-                           lora_modules, merge_lora, merge_lora_params, perturbed,
-                           set_perturbations, split_lora, trainable)
-from mgpo_jax.peft_io import load_adapters, save_adapters
-from mgpo_jax.models import BertForSequenceClassification, BertModel, LlamaForCausalLM
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "mgpo_jax.transform": ("MGPOState", "mgpo", "mgpo_adamw", "mgpo_eval_params"),
+    "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
+    "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
+                      "load_rotten_tomatoes", "minilm_path", "tokenize"),
+    "mgpo_jax.checkpoint": ("CheckpointError", "Checkpointer"),
+    "mgpo_jax.train": ("TrainState", "Trainer", "classification_loss", "clean_params",
+                       "make_mesh"),
+    "mgpo_jax.lora": ("DenseNoise", "LoraConfig", "LoraLinear", "LowRank", "apply_lora",
+                      "clear_perturbations", "frozen", "init_lora_params", "lora_labels",
+                      "lora_modules", "merge_lora", "merge_lora_params", "perturbed",
+                      "set_perturbations", "split_lora", "trainable"),
+    "mgpo_jax.peft_io": ("load_adapters", "save_adapters"),
+    "mgpo_jax.models": ("BertForSequenceClassification", "BertModel", "LlamaForCausalLM"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _WHERE:
+    raise AttributeError(f"module 'mgpo_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_WHERE[name]), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *__all__})

@@ -61,7 +61,8 @@ class Checkpointer:
 
   Args:
     directory: where the step directories live (created if missing). Other files in it (a
-      ``config.json``, plots) are ignored.
+      ``config.json``, plots) are ignored. Opening it removes the drafts of interrupted saves
+      and checkpoints beyond the newest ``keep``.
     save_every: :meth:`save` writes only at steps divisible by ``save_every`` unless
       ``force=True``.
     keep: how many of the most recent checkpoints to keep; ``None`` keeps all.
@@ -77,7 +78,9 @@ class Checkpointer:
     self.keep = keep
     # Synchronous saves; the save decision is ours (orbax's default would also save the first
     # step it sees whatever ``save_every``), so ``save`` always passes ``force=True``.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+    # Drafts of saves that a killed process left behind are removed when the directory opens.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     try:
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
@@ -86,6 +89,15 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for an unusable directory
       raise CheckpointError(
           f"cannot open checkpoint directory {self.directory}: {_reason(e)}") from e
+    self._prune()
+
+  def _prune(self) -> None:
+    """Deletes checkpoints beyond the newest ``keep``: a process killed between a save and
+    orbax's pruning leaves one too many, and the run may never save again."""
+    if self.keep is not None:
+      for step in self.all_steps()[:-self.keep]:
+        _quietly(lambda step=step: self._manager.delete(step),
+                 f"deleting old checkpoint step {step} in {self.directory} failed")
 
   def latest_step(self) -> int | None:
     """The newest committed step, or ``None`` if there is none (partial saves never count)."""

@@ -1,70 +1,105 @@
 """The ``mgpo-jax`` command line: ``mgpo-jax finetune [flags]``.
 
-Parses flags into a :class:`mgpo_jax.finetune.FinetuneConfig`, validates them before any
-heavy import, and runs :func:`mgpo_jax.finetune.run`. Bad input ends with one clear line on
-stderr and exit status 2; nothing is overwritten.
+The flags are generated from :class:`mgpo_jax.finetune_config.FinetuneConfig`'s fields (help
+text and defaults included); ``--config FILE`` (TOML or JSON) sets fields, flags override it.
+Everything is validated before any heavy import, and bad input ends with one clear line on
+stderr and exit status 2; nothing is written or deleted.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import pathlib
 import sys
+import tomllib
+import typing
+from typing import Any
 
-from mgpo_jax.finetune_config import OPTIMIZERS, FinetuneConfig
+from mgpo_jax.finetune_config import OPTIMIZERS, FinetuneConfig, flag
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad flag as one line (``mgpo-jax: error: ...``, exit 2), like every other
+  input error."""
+
+  def error(self, message: str) -> typing.NoReturn:
+    self.exit(2, f"mgpo-jax: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="mgpo-jax", description=__doc__.splitlines()[0])
+  parser = _Parser(prog="mgpo-jax", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
   ft = sub.add_parser(
-      "finetune",
-      help="LoRA fine-tune MiniLM on Rotten Tomatoes (defaults: r=8, alpha=16, query/value, mgpo)",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-  )
-  d = FinetuneConfig()
-  ft.add_argument("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)}")
-  ft.add_argument("--compare", default=None,
-                  help="comma-separated optimizers run one after another with the same seed and "
-                       "data, e.g. adamw,mgpo,sam; overrides --optimizer")
-  ft.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
-  ft.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha")
-  ft.add_argument("--target-modules", default=",".join(d.target_modules),
-                  help="comma-separated module names, a regex, or all-linear")
-  ft.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warmup + cosine)")
-  ft.add_argument("--rho", type=float, default=d.rho, help="MGPO rho / SAM rho")
-  ft.add_argument("--sign", type=float, default=d.sign,
-                  help="MGPO sign: +1 (paper) or -1 (released code)")
-  ft.add_argument("--batch-size", type=int, default=d.batch_size)
-  ft.add_argument("--seq-len", type=int, default=d.seq_len)
-  ft.add_argument("--steps", type=int, default=d.steps)
-  ft.add_argument("--eval-every", type=int, default=d.eval_every)
-  ft.add_argument("--save-every", type=int, default=d.save_every)
-  ft.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
-  ft.add_argument("--seed", type=int, default=d.seed)
-  ft.add_argument("--run-dir", default=d.run_dir)
-  ft.add_argument("--devices", type=int, default=d.devices,
-                  help="data-parallel devices (on CPU, fake devices are created)")
+      "finetune", help="LoRA fine-tune MiniLM on Rotten Tomatoes (defaults: r=8, alpha=16, "
+                       "query/value, mgpo)",
+      description="LoRA fine-tuning of MiniLM on Rotten Tomatoes; every flag sets the config "
+                  "field of the same name (see --config).")
+  ft.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                  help="a TOML or JSON file of config fields (e.g. rank = 16); flags override it")
+  hints = typing.get_type_hints(FinetuneConfig)
+  for f in dataclasses.fields(FinetuneConfig):
+    kind = hints[f.name]
+    choices = f.metadata.get("choices")
+    text = f.metadata["help"] + (f"; one of {', '.join(choices)}" if choices else "")
+    text += f" (default: {_default_text(f.default)})"
+    if kind is bool:
+      ft.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
+                      default=argparse.SUPPRESS, help=text)
+      continue
+    parse = {int: int, float: float}.get(kind, str)
+    if f.name == "rho":
+      parse = float
+    ft.add_argument(flag(f.name), type=parse, default=argparse.SUPPRESS, help=text,
+                    metavar=f.name.upper())  # choices are checked by the config, in one line
+  ft.add_argument("--compare", default=None, metavar="M1,M2,...",
+                  help=f"run several methods ({', '.join(OPTIMIZERS)}) one after another with "
+                       "the same seed and data into --run-dir/<method>; overrides --optimizer")
   group = ft.add_mutually_exclusive_group()
-  group.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-  group.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir")
+  group.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir from its last checkpoint (flags that "
+                          "differ from the saved config are refused)")
+  group.add_argument("--overwrite", action="store_true",
+                     help="replace the previous mgpo-jax run in --run-dir (only files it wrote)")
   ft.add_argument("--no-progress", action="store_true", help="no progress bar")
   return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-  fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-  values = {k: v for k, v in vars(args).items() if k in fields}
-  targets = args.target_modules.strip()
-  values["target_modules"] = (
-      targets if targets == "all-linear" or not _is_name_list(targets)
-      else tuple(t.strip() for t in targets.split(",") if t.strip()))
-  return FinetuneConfig(**values)
+def _default_text(value: Any) -> str:
+  if value is None:
+    return "the method's"
+  return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _is_name_list(text: str) -> bool:
-  return all(part.strip().replace("_", "").isalnum() for part in text.split(","))
+def _read_config_file(path: str) -> dict[str, Any]:
+  try:
+    text = pathlib.Path(path).read_text()
+    return tomllib.loads(text) if not path.endswith(".json") else json.loads(text)
+  except (OSError, ValueError) as err:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+    raise ValueError(f"--config {path}: {err}") from err
+
+
+def _config(args: argparse.Namespace) -> FinetuneConfig:
+  """Defaults, or on ``--resume`` the saved config; then ``--config FILE``; then flags."""
+  given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+           if hasattr(args, f.name)}
+  base = FinetuneConfig()
+  if args.resume:
+    run_dir = pathlib.Path(given.get("run_dir", base.run_dir))
+    saved = run_dir / "config.json"
+    if saved.is_file():  # without one, the job decides (a start cut short begins afresh)
+      try:
+        base = FinetuneConfig.from_json(saved.read_text())
+      except (ValueError, TypeError) as err:
+        raise ValueError(f"--resume: {saved} is not a valid run config ({err})") from err
+  values, source = dataclasses.asdict(base), "config"
+  if hasattr(args, "config"):
+    values.update(_read_config_file(args.config))
+    source = f"--config {args.config}"
+  values.update(given)
+  return FinetuneConfig.from_dict(values, source)
 
 
 def _use_fake_cpu_devices(n: int) -> None:
@@ -76,13 +111,16 @@ def _use_fake_cpu_devices(n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
   try:
-    config = _config_from_args(args)
+    args = _parser().parse_args(argv)
+  except SystemExit as done:  # --help (0) or a flag argparse rejects (2, one line printed)
+    return int(done.code or 0)
+  try:
+    config = _config(args)
     config.validate()
     compare = config.parse_compare(args.compare)
   except ValueError as err:
-    print(f"mgpo-jax: error: {err}", file=sys.stderr)
+    print(f"mgpo-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
   _use_fake_cpu_devices(config.devices)
   from mgpo_jax import finetune  # heavy imports (jax, flax, transformers) only now

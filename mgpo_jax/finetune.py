@@ -18,19 +18,21 @@ call the same functions.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import pathlib
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from mgpo_jax import run_dir as run_dir_lib
 from mgpo_jax.checkpoint import CheckpointError, Checkpointer
 from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
@@ -45,6 +47,7 @@ DEFAULT_RHO = {"mgpo": 0.05, "sam": 0.003}  # MGPO paper (NLU); Flat-LoRA's best
 LOG_EVERY = 10
 EVAL_BATCH_SIZE = 128
 _SPLIT_SEED = 0  # the data split is fixed, whatever the training seed
+_NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite's max_consecutive_errors: always skip
 
 
 class UserError(Exception):
@@ -59,11 +62,15 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
   rho = DEFAULT_RHO.get(config.optimizer) if config.rho is None else config.rho
   if config.optimizer == "mgpo":
-    return mgpo(adamw, rho=rho, sign=config.sign)
-  if config.optimizer == "sam":
+    tx = mgpo(adamw, rho=rho, sign=config.sign)
+  elif config.optimizer == "sam":
     adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-    return optax.contrib.sam(adamw, adversary, sync_period=2, opaque_mode=True)
-  return adamw
+    tx = optax.contrib.sam(adamw, adversary, sync_period=2, opaque_mode=True)
+  else:
+    tx = adamw
+  if config.nonfinite == "skip":  # a step whose update is not finite leaves params and state
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
+  return tx
 
 
 def build_model(config: FinetuneConfig,
@@ -73,10 +80,27 @@ def build_model(config: FinetuneConfig,
   model = base or BertForSequenceClassification.from_pretrained(
       minilm_path(), num_labels=2, pooling=config.pooling,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-  lora = LoraConfig(target_modules=config.target_modules, r=config.rank, alpha=config.alpha,
+  positions = _max_positions(model)
+  if positions is not None and config.seq_len > positions:
+    raise ValueError(f"--seq-len {config.seq_len} is longer than the model's "
+                     f"max_position_embeddings ({positions})")
+  targets = config.target_modules  # names, "all-linear", or "re:REGEX" (LoraConfig's regex)
+  if isinstance(targets, str) and targets.startswith("re:"):
+    targets = targets[3:]
+  lora = LoraConfig(target_modules=targets,
+                    r=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora, init=config.init_lora_weights,
                     modules_to_save=("classifier",))
   apply_lora(model, lora, rngs=nnx.Rngs(params=config.seed + 2, dropout=config.seed + 3))
   return model, lora
+
+
+def _max_positions(model: nnx.Module) -> int | None:
+  """The number of position embeddings of a model with learned positions (BERT), if any."""
+  for path, node in nnx.iter_graph(model):
+    if path and path[-1] == "position_embeddings" and isinstance(node, nnx.Embed):
+      return node.num_embeddings
+  return None
 
 
 def load_data(seq_len: int) -> dict[str, dict[str, np.ndarray]]:
@@ -108,131 +132,154 @@ def evaluate(trainer: Trainer, state: TrainState, split: dict[str, np.ndarray],
 
 
 def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True, data: dict | None = None) -> dict[str, Any]:
+        progress: bool = True, data: dict | None = None,
+        base_model: Callable[[FinetuneConfig], nnx.Module] | None = None) -> dict[str, Any]:
   """Trains ``config`` into ``config.run_dir``; returns the summary (also ``summary.json``).
+
+  The steps, each a function of this module: check the run directory (writing nothing),
+  :func:`load_data`, :func:`build_model`, :func:`build_optimizer`, then — only once the inputs
+  have proved good — start the run directory, :func:`train`, and :func:`export` the adapters,
+  plot and summary.
 
   Args:
     config: the run's configuration (validated here).
-    resume: continue the run saved in ``run_dir`` from its latest checkpoint (the saved
-      configuration is used; the result is bit-identical to an uninterrupted run).
-    overwrite: replace a previous run in ``run_dir``.
+    resume: continue the run saved in ``run_dir`` from its latest checkpoint; ``config`` must
+      equal the saved one (differences are refused, naming the flags). The result is
+      bit-identical to an uninterrupted run.
+    overwrite: replace a previous mgpo-jax run in ``run_dir`` (only the files it wrote).
     progress: show a progress bar.
-    data: pre-tokenised splits from :func:`load_data` (to share them between runs).
+    data: pre-tokenised splits in :func:`load_data`'s layout (default: Rotten Tomatoes).
+    base_model: ``base_model(config)`` builds the model to put adapters on (default: MiniLM
+      with a fresh 2-way head).
 
   Raises:
     UserError: bad configuration, a run directory that holds something else, a corrupt
-      checkpoint, missing data or model packages.
+      checkpoint, missing data or model packages, a non-finite training loss.
   """
   try:
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
-    config = _checked_config(run_dir, config, resume=resume, overwrite=overwrite)
-    return _train(config, run_dir, fresh=not resume, progress=progress, data=data)
+    if resume and run_dir_lib.is_unstarted(run_dir, "run"):
+      # Killed before its config was saved: nothing to continue; replace the partial start.
+      resume, overwrite = False, True
+    _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    data = data or load_data(config.seq_len)
+    if config.batch_size > len(data["train"]["labels"]):
+      raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
+                       f"({len(data['train']['labels'])} examples)")
+    model, lora = build_model(config, base_model(config) if base_model else None)
+    mesh = make_mesh(config.devices) if config.devices > 1 else None
+    trainer = Trainer(model, build_optimizer(config), mesh=mesh, accum_steps=config.accum_steps,
+                      compute_dtype=None if config.compute_dtype == "float32" else
+                      jnp.dtype(config.compute_dtype))
+    state = trainer.init(config.seed)
+    if resume:
+      run_dir_lib.remove_drafts(run_dir)
+    else:  # only now, when the inputs have proved good, is anything written or removed
+      if run_dir.exists():
+        run_dir_lib.clear(run_dir, "run")
+      run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
+      run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
+    state, val = train(config, trainer, state, data, run_dir, progress=progress)
+    return export(config, trainer, state, model, lora, data, run_dir, val)
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
 
 def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bool = False,
-                overwrite: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
+                overwrite: bool = False, progress: bool = True, data: dict | None = None,
+                base_model: Callable[[FinetuneConfig], nnx.Module] | None = None,
+                ) -> dict[str, dict[str, Any]]:
   """Runs each optimizer with the same seed and data into ``run_dir/<optimizer>``; writes
-  ``compare.png`` and ``summary.json`` in ``run_dir`` and prints a summary table."""
+  ``compare.png`` and ``summary.json`` in ``run_dir`` and prints a summary table. ``resume``
+  continues every sub-run (starting those that never started)."""
   root = pathlib.Path(config.run_dir)
   try:
-    _prepare_parent(root, overwrite=overwrite, resume=resume)
-    data = load_data(config.seq_len)
+    config.validate()
+    run_dir_lib.check_usable(root)
+    if resume:
+      manifest = run_dir_lib.read_manifest(root, "compare")
+      saved = sorted(k for k, v in manifest["entries"].items() if v == run_dir_lib.SUB_RUN)
+      if saved != sorted(optimizers):
+        raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
+                         f"comparison ({','.join(saved)})")
+    elif not run_dir_lib.is_empty(root):
+      if not overwrite:
+        raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
+                         "--overwrite to replace it")
+      run_dir_lib.check_replaceable(root, "compare")
+    data = data or load_data(config.seq_len)
+    if not resume:
+      if root.exists():
+        run_dir_lib.clear(root, "compare")
+      run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES, "config.json": None,
+                                           "config.json.tmp": None,
+                                           **{n: run_dir_lib.SUB_RUN for n in optimizers}})
+      run_dir_lib.write_atomic(root / "config.json", config.to_json())
   except (ValueError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
   summaries = {}
   for name in optimizers:
     sub = config.replace(optimizer=name, run_dir=str(root / name))
     summaries[name] = run(sub, resume=resume and (root / name / "config.json").exists(),
-                          progress=progress, data=data)
+                          progress=progress, data=data, base_model=base_model)
   metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
   plot_curves(metrics, root / "compare.png", title=f"LoRA r={config.rank}: " + ", ".join(optimizers))
-  (root / "summary.json").write_text(json.dumps(summaries, indent=2))
+  run_dir_lib.write_atomic(root / "summary.json", json.dumps(summaries, indent=2))
   print(summary_table(summaries))
   return summaries
 
 
-def _prepare_parent(root: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  if not resume and _check_replaceable(root, overwrite):
-    shutil.rmtree(root)
-  root.mkdir(parents=True, exist_ok=True)
-
-
-def _check_replaceable(run_dir: pathlib.Path, overwrite: bool) -> bool:
-  """Whether ``run_dir`` holds a previous run to replace; raises if it holds anything that
-  may not be replaced."""
-  if not (run_dir.exists() and any(run_dir.iterdir())):
-    return False
-  if not overwrite:
-    raise ValueError(f"run directory {run_dir} is not empty; pass --resume to continue it or "
-                     "--overwrite to replace it")
-  if not _looks_like_run(run_dir):
-    raise ValueError(f"--overwrite: {run_dir} does not look like an mgpo-jax run directory; "
-                     "not deleting it")
-  return True
-
-
-def _checked_config(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
-                    overwrite: bool) -> FinetuneConfig:
-  """Checks (writing nothing) that ``run_dir`` may be used; returns the config to run (the
-  saved one on resume)."""
-  config_file = run_dir / "config.json"
+def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
+                   overwrite: bool) -> None:
+  """Checks, writing nothing, that ``run_dir`` may be used: on resume, that it is an mgpo-jax
+  run saved with ``config``; otherwise that it is empty, or (with ``overwrite``) holds only
+  what a previous run wrote."""
+  run_dir_lib.check_usable(run_dir)
   if resume:
+    run_dir_lib.read_manifest(run_dir, "run")
+    config_file = run_dir / "config.json"
     if not config_file.exists():
-      raise ValueError(f"--resume: {run_dir} holds no run (no config.json)")
+      raise ValueError(f"--resume: --run-dir {run_dir} holds no run (no config.json)")
     try:
       saved = FinetuneConfig.from_json(config_file.read_text())
     except (ValueError, TypeError) as err:
       raise ValueError(f"--resume: {config_file} is not a valid run config ({err})") from err
-    return saved.replace(run_dir=str(run_dir))
-  _check_replaceable(run_dir, overwrite)
-  return config
+    changed = config.differences(saved)
+    if changed:
+      raise ValueError(f"--resume: these flags differ from the saved run's config: "
+                       f"{'; '.join(changed)}. Drop them to continue the run as it was "
+                       "started, or start a new run")
+  elif not run_dir_lib.is_empty(run_dir):
+    if not overwrite:
+      raise ValueError(f"--run-dir {run_dir} is not empty; pass --resume to continue it or "
+                       "--overwrite to replace it")
+    run_dir_lib.check_replaceable(run_dir, "run")
 
 
-def _start_run_dir(run_dir: pathlib.Path, config: FinetuneConfig) -> None:
-  """Replaces a previous run (checked by :func:`_checked_config`) and writes the config."""
-  if run_dir.exists() and any(run_dir.iterdir()):
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  _write_atomic(run_dir / "config.json", config.to_json())
+def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dict,
+          run_dir: pathlib.Path, *, progress: bool = True) -> tuple[TrainState, dict | None]:
+  """The training loop, from the latest checkpoint in ``run_dir`` (if any) to ``config.steps``:
+  logs to ``metrics.jsonl``, validates every ``eval_every`` steps, checkpoints every
+  ``save_every``. Returns the final state and the last validation metrics.
 
-
-def _looks_like_run(path: pathlib.Path) -> bool:
-  """Whether ``path`` was written by :func:`run` or :func:`run_compare`."""
-  markers = ("config.json", "summary.json", "metrics.jsonl")
-  return any((path / m).exists() for m in markers) or any(
-      (sub / "config.json").exists() for sub in path.iterdir() if sub.is_dir())
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, fresh: bool, progress: bool,
-           data: dict | None) -> dict[str, Any]:
+  ``metrics.jsonl`` is first cut back to the restored step (0 without a checkpoint), so it
+  always matches the state. A non-finite training loss stops the run before the state is
+  saved (``nonfinite="stop"``).
+  """
   from tqdm.auto import tqdm
 
-  data = data or load_data(config.seq_len)
-  model, lora = build_model(config)
-  mesh = make_mesh(config.devices) if config.devices > 1 else None
-  trainer = Trainer(model, build_optimizer(config), mesh=mesh)
-  state = trainer.init(config.seed)
-  if fresh:  # only now, when the inputs have proved good, is anything written
-    _start_run_dir(run_dir, config)
   metrics_file = run_dir / "metrics.jsonl"
   with Checkpointer(run_dir / "checkpoints", save_every=config.save_every,
                     keep=config.keep) as ckpt:
     if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(trainer.abstract_state())
-      _truncate_metrics(metrics_file, int(meta["step"]))
+      state, _ = ckpt.restore(trainer.abstract_state())
     start = int(state.step)
-    train = data["train"]
-    batches = batch_iterator({k: v for k, v in train.items() if k != "labels"}, train["labels"],
-                             config.batch_size, seed=config.seed, start=start)
+    _truncate_metrics(metrics_file, start)
+    train_split = data["train"]
+    batches = batch_iterator({k: v for k, v in train_split.items() if k != "labels"},
+                             train_split["labels"], config.batch_size, seed=config.seed,
+                             start=start)
     bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step",
                desc=f"{config.optimizer} r={config.rank}", dynamic_ncols=True)
     window, t0, val = [], time.perf_counter(), None
@@ -240,9 +287,15 @@ def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, fresh: bool, progre
       for step in range(start + 1, config.steps + 1):
         state, m = trainer.train_step(state, trainer.shard_batch(next(batches)))
         window.append(m)
-        # Log windows also end at checkpoint steps, so a resumed run logs the same records.
+        # Log windows also end at checkpoint steps, so a resumed run logs the same records,
+        # and a non-finite loss is seen before the state is saved.
         if step % LOG_EVERY == 0 or step % config.save_every == 0 or step == config.steps:
           logged = _log_train(log, step, window)
+          if config.nonfinite == "stop" and not math.isfinite(logged["loss"]):
+            raise ValueError(
+                f"the training loss became non-finite by step {step}; the run stopped and its "
+                f"last checkpoint (step {ckpt.latest_step() or 'none'}) is intact. Lower --lr, "
+                "or pass --nonfinite skip to skip such steps")
           rate = len(window) * config.batch_size / (time.perf_counter() - t0)
           bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_per_s=f"{rate:.1f}")
           window, t0 = [], time.perf_counter()
@@ -254,19 +307,28 @@ def _train(config: FinetuneConfig, run_dir: pathlib.Path, *, fresh: bool, progre
                   force=step == config.steps)
         bar.update(1)
       bar.close()
-      test = evaluate(trainer, state, data["test"])
-      val = val or evaluate(trainer, state, data["validation"])
-      _write(log, {"step": config.steps, "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"]})
+  return state, val
+
+
+def export(config: FinetuneConfig, trainer: Trainer, state: TrainState, model: nnx.Module,
+           lora: LoraConfig, data: dict, run_dir: pathlib.Path,
+           val: dict | None = None) -> dict[str, Any]:
+  """Test metrics, PEFT adapters of the clean params, the curves and ``summary.json``."""
+  test = evaluate(trainer, state, data["test"])
+  val = val or evaluate(trainer, state, data["validation"])
+  with open(run_dir / "metrics.jsonl", "a") as log:
+    _write(log, {"step": config.steps, "test_loss": test["loss"],
+                 "test_accuracy": test["accuracy"]})
   nnx.update(model, clean_params(state))  # the clean θ into the (unchanged) model object
   save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS")
-  plot_curves({config.optimizer: read_metrics(metrics_file)}, run_dir / "curves.png",
-              title=f"{config.optimizer}, LoRA r={config.rank}")
-  majority = float(max(np.mean(data["test"]["labels"]), 1 - np.mean(data["test"]["labels"])))
+  plot_curves({config.optimizer: read_metrics(run_dir / "metrics.jsonl")},
+              run_dir / "curves.png", title=f"{config.optimizer}, LoRA r={config.rank}")
+  labels = data["test"]["labels"]
+  majority = float(np.max(np.bincount(labels)) / len(labels))
   summary = {"optimizer": config.optimizer, "steps": config.steps, "seed": config.seed,
              "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
              "test_loss": test["loss"], "majority_class": majority}
-  _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+  run_dir_lib.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
   print(f"{config.optimizer}: test accuracy {test['accuracy']:.4f} "
         f"(majority class {majority:.4f}); run directory {run_dir}")
   return summary
@@ -283,26 +345,39 @@ def _log_train(log, step: int, window: list) -> dict[str, float]:
 
 
 def _write(log, record: dict[str, Any]) -> None:
-  log.write(json.dumps(record) + "\n")
+  log.write(_json_line(record))
   log.flush()
 
 
+def _json_line(record: dict[str, Any]) -> str:
+  """Strict JSON (a non-finite number becomes ``null``) and a newline."""
+  clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+           for k, v in record.items()}
+  return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-  """Drops records after ``step`` (written by an interrupted run after its last checkpoint)."""
+  """Keeps the records up to ``step`` (the restored state's), dropping what an interrupted
+  run wrote after its last checkpoint, test records, and a line cut short by a kill."""
   if path.exists():
-    kept = [r for r in read_metrics(path) if r["step"] <= step and "test_accuracy" not in r]
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_metrics(path, partial_ok=True)
+            if r["step"] <= step and "test_accuracy" not in r]
+    run_dir_lib.write_atomic(path, "".join(_json_line(r) for r in kept))
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a ``metrics.jsonl`` file."""
+def read_metrics(path: str | os.PathLike, *, partial_ok: bool = False) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl`` file (``partial_ok``: skip a last line that a killed
+  process left unfinished)."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  if partial_ok and lines and not lines[-1].endswith("\n"):
+    lines = lines[:-1]
+  return [json.loads(line) for line in lines]
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
   pairs = [(r["step"], r[key]) for r in records if key in r]
-  return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+  return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs], dtype=float)
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
@@ -324,8 +399,10 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, 
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  tmp = pathlib.Path(path).with_name(pathlib.Path(path).name + ".tmp")
+  fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def summary_table(summaries: dict[str, dict[str, Any]]) -> str:

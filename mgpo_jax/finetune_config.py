@@ -1,7 +1,8 @@
 """Configuration of the fine-tune job, validated without importing JAX.
 
 Kept apart from :mod:`mgpo_jax.finetune` so that the command line can check its flags (and ask
-XLA for fake CPU devices) before JAX is first imported.
+XLA for fake CPU devices) before JAX is first imported. Each field carries its help text; the
+command line's flags are generated from the fields.
 """
 
 from __future__ import annotations
@@ -9,9 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 OPTIMIZERS = ("adamw", "mgpo", "sam")
+_MAX_SEED = 2**32 - 1  # jax.random.key takes a uint32 seed
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
+  return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,51 +30,92 @@ class FinetuneConfig:
   optimizers with 3% linear warmup and cosine decay (the papers' schedule).
   """
 
-  optimizer: str = "mgpo"
-  rank: int = 8
-  alpha: float = 16.0
-  target_modules: tuple[str, ...] | str = ("query", "value")
-  lr: float = 1e-3
-  weight_decay: float = 0.0
-  warmup_fraction: float = 0.03
-  rho: float | None = None  # None: the method's default (mgpo 0.05, sam 0.003)
-  sign: float = 1.0
-  batch_size: int = 16
-  seq_len: int = 48  # covers 95% of the snippets' MiniLM token counts
-  steps: int = 300
-  eval_every: int = 100
-  save_every: int = 200
-  keep: int = 2
-  seed: int = 0
-  devices: int = 1
-  pooling: str = "mean"
-  run_dir: str = "runs/finetune"
+  optimizer: str = _field("mgpo", "the method", choices=OPTIMIZERS)
+  rank: int = _field(8, "LoRA rank r")
+  alpha: float = _field(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rsLoRA)")
+  target_modules: tuple[str, ...] | str = _field(
+      ("query", "value"),
+      "modules that get adapters: comma-separated names (a module matches if its dotted path "
+      "equals a name or ends with .name), all-linear, or re:REGEX (full match of the path)")
+  use_rslora: bool = _field(False, "rank-stabilised scaling alpha/sqrt(r)")
+  lora_dropout: float = _field(0.0, "dropout on the adapter input, in [0, 1)")
+  init_lora_weights: str = _field("default", "adapter init",
+                                  choices=("default", "gaussian", "pissa"))
+  lr: float = _field(1e-3, "peak learning rate (linear warm-up, then cosine decay to 0)")
+  weight_decay: float = _field(0.0, "AdamW weight decay")
+  warmup_fraction: float = _field(0.03, "fraction of --steps spent in linear warm-up, in [0, 1)")
+  rho: float | None = _field(None, "perturbation radius; unset: the method's default "
+                                   "(mgpo 0.05, sam 0.003)")
+  sign: float = _field(1.0, "MGPO sign: +1 (paper) or -1 (released code)")
+  batch_size: int = _field(16, "examples per optimizer step (over all devices)")
+  accum_steps: int = _field(1, "micro-batches per step (gradient accumulation); divides "
+                               "--batch-size")
+  seq_len: int = _field(48, "tokens per example (48 covers 95%% of the snippets)")
+  steps: int = _field(300, "optimizer steps")
+  eval_every: int = _field(100, "validation every N steps (and at the end)")
+  save_every: int = _field(200, "checkpoint every N steps (and at the end)")
+  keep: int = _field(2, "checkpoints kept")
+  seed: int = _field(0, "random seed (0 .. 2**32-1): init, dropout and data order")
+  devices: int = _field(1, "data-parallel devices (on CPU, fake devices are created)")
+  compute_dtype: str = _field("float32", "forward/backward dtype; adapters, gradients and "
+                                         "optimizer state stay float32",
+                              choices=("float32", "bfloat16"))
+  pooling: str = _field("mean", "sentence embedding for the classifier head",
+                        choices=("mean", "cls"))
+  nonfinite: str = _field("stop", "on a non-finite training loss: stop (the last checkpoint "
+                                  "stays intact) or skip the step's update",
+                          choices=("stop", "skip"))
+  run_dir: str = _field("runs/finetune", "the run directory")
 
   def validate(self) -> None:
     """Raises ``ValueError`` naming the first bad field and the values it accepts."""
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-    _positive_int("--rank", self.rank)
+    for f in dataclasses.fields(self):
+      choices = f.metadata.get("choices")
+      if choices and getattr(self, f.name) not in choices:
+        raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}; "
+                         f"got {getattr(self, f.name)!r}")
+    for name in ("rank", "batch_size", "accum_steps", "seq_len", "steps", "eval_every",
+                 "save_every", "keep", "devices"):
+      _positive_int(flag(name), getattr(self, name))
     _positive("--alpha", self.alpha)
     _positive("--lr", self.lr)
+    if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+            and 0 <= self.seed <= _MAX_SEED):
+      raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
     if self.rho is not None and not (math.isfinite(self.rho) and self.rho >= 0):
       raise ValueError(f"--rho must be a finite number >= 0; got {self.rho}")
     if self.sign not in (-1.0, 1.0):
       raise ValueError(f"--sign must be +1 or -1; got {self.sign}")
-    for name in ("batch_size", "seq_len", "steps", "eval_every", "save_every", "keep",
-                 "devices"):
-      _positive_int("--" + name.replace("_", "-"), getattr(self, name))
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
+    if not 0 <= self.lora_dropout < 1:
+      raise ValueError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout}")
     if self.seq_len < 8:
       raise ValueError(f"--seq-len must be >= 8; got {self.seq_len}")
-    if self.batch_size % self.devices:
-      raise ValueError(
-          f"--batch-size ({self.batch_size}) must be divisible by --devices ({self.devices})")
+    if self.batch_size % (self.devices * self.accum_steps):
+      raise ValueError(f"--batch-size ({self.batch_size}) must be divisible by --devices "
+                       f"({self.devices}) times --accum-steps ({self.accum_steps})")
     if not 0 <= self.warmup_fraction < 1:
-      raise ValueError(f"warmup_fraction must be in [0, 1); got {self.warmup_fraction}")
-    if self.pooling not in ("mean", "cls"):
-      raise ValueError(f"pooling must be 'mean' or 'cls'; got {self.pooling!r}")
-    if not self.target_modules:
-      raise ValueError("--target-modules must name at least one module, a regex, or all-linear")
+      raise ValueError(f"--warmup-fraction must be in [0, 1); got {self.warmup_fraction}")
+    targets = self.target_modules
+    if not targets or (isinstance(targets, str) and targets != "all-linear"
+                       and not targets.startswith("re:")):
+      raise ValueError("--target-modules must be comma-separated module names, all-linear, or "
+                       f"re:REGEX; got {targets!r}")
+    if isinstance(targets, str) and targets.startswith("re:"):
+      try:
+        re.compile(targets[3:])
+      except re.error as err:
+        raise ValueError(f"--target-modules {targets!r} is not a valid regex ({err})") from err
+    if not self.run_dir.strip():
+      raise ValueError("--run-dir must name a directory; got ''")
+
+  def differences(self, other: FinetuneConfig) -> list[str]:
+    """``--flag value (saved: value)`` for each field that differs, ``run_dir`` aside."""
+    return [f"{flag(f.name)} {_show(getattr(self, f.name))} "
+            f"(saved: {_show(getattr(other, f.name))})"
+            for f in dataclasses.fields(self)
+            if f.name != "run_dir" and getattr(self, f.name) != getattr(other, f.name)]
 
   def parse_compare(self, text: str | None) -> tuple[str, ...]:
     """Parses ``--compare adamw,mgpo,...`` into optimizer names (empty: no comparison)."""
@@ -81,18 +129,46 @@ class FinetuneConfig:
           f"got {text!r}")
     return names
 
-  def replace(self, **changes: Any) -> "FinetuneConfig":
+  def replace(self, **changes: Any) -> FinetuneConfig:
     return dataclasses.replace(self, **changes)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
   @classmethod
-  def from_json(cls, text: str) -> "FinetuneConfig":
-    values = json.loads(text)
-    if isinstance(values.get("target_modules"), list):
-      values["target_modules"] = tuple(values["target_modules"])
+  def from_dict(cls, values: dict[str, Any], source: str = "config") -> FinetuneConfig:
+    """A config from a mapping of field names (a ``config.json`` or a ``--config`` file)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+                       f"known: {', '.join(sorted(known))}")
+    values = dict(values)
+    if "target_modules" in values:
+      values["target_modules"] = parse_targets(values["target_modules"])
     return cls(**values)
+
+  @classmethod
+  def from_json(cls, text: str) -> FinetuneConfig:
+    return cls.from_dict(json.loads(text))
+
+
+def parse_targets(value: Any) -> Any:
+  """``"query,value"`` -> ``("query", "value")``; ``all-linear`` and ``re:REGEX`` are kept."""
+  if isinstance(value, list):
+    return tuple(value)
+  if isinstance(value, str) and value != "all-linear" and not value.startswith("re:"):
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+  return value
+
+
+def flag(field_name: str) -> str:
+  """The command-line flag of a config field: ``batch_size`` -> ``--batch-size``."""
+  return "--" + field_name.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+  return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def _positive_int(name: str, value: Any) -> None:

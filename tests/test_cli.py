@@ -89,8 +89,9 @@ def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
     _interrupt_after(m, 4)  # dies after step 4; the last checkpoint is step 3
     with pytest.raises(KeyboardInterrupt):
       finetune.run(interrupted, progress=False, data=small_data)
-  resumed = finetune.run(interrupted.replace(steps=999), resume=True, progress=False,
-                         data=small_data)  # the saved config wins over new values
+  with pytest.raises(finetune.UserError, match=r"--steps 999 \(saved: 6\)"):
+    finetune.run(interrupted.replace(steps=999), resume=True, progress=False, data=small_data)
+  resumed = finetune.run(interrupted, resume=True, progress=False, data=small_data)
 
   assert resumed == full
   assert (finetune.read_metrics(tmp_path / "full" / "metrics.jsonl")
@@ -115,6 +116,12 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, needles", [
     (["--optimizer", "lion"], ["--optimizer", "adamw, mgpo, sam", "lion"]),
+    (["--seed", "100000000000000000000"], ["--seed", "4294967295"]),
+    (["--seed", "-1"], ["--seed", "[0, 4294967295]"]),
+    (["--seed", "x"], ["--seed", "invalid int"]),
+    (["--pooling", "max"], ["--pooling", "mean, cls"]),
+    (["--run-dir", ""], ["--run-dir"]),
+    (["--target-modules", "re:("], ["--target-modules", "regex"]),
     (["--lr", "0"], ["--lr", "> 0"]),
     (["--lr=-1e-3"], ["--lr"]),
     (["--rank", "0"], ["--rank", "positive integer"]),
@@ -147,9 +154,9 @@ def test_run_directory_is_protected(tmp_path, small_data):
   config = FinetuneConfig(**TINY, run_dir=str(run_dir))
   with pytest.raises(finetune.UserError, match="not empty"):
     finetune.run(config, progress=False, data=small_data)
-  with pytest.raises(finetune.UserError, match="does not look like an mgpo-jax run"):
+  with pytest.raises(finetune.UserError, match=r"1 entry mgpo-jax did not write \(notes.txt\)"):
     finetune.run(config, overwrite=True, progress=False, data=small_data)
-  with pytest.raises(finetune.UserError, match="holds no run"):
+  with pytest.raises(finetune.UserError, match="not an mgpo-jax run directory"):
     finetune.run(config, resume=True, progress=False, data=small_data)
   assert (run_dir / "notes.txt").read_text() == "mine"
   assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]

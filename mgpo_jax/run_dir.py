@@ -1,0 +1,200 @@
+"""Run directories that the fine-tune job owns, marked by a manifest, so that nothing else is
+ever deleted.
+
+The job writes ``.mgpo-jax-run.json`` into a run directory before anything else. The manifest
+names its format version, the kind of directory (``"run"`` or ``"compare"``) and the entries
+the job may create there, as exact names or ``fnmatch`` patterns, each with what it is: a file
+(``null``), a folder with the child patterns it may hold, or ``"run"``, a sub-run directory with
+a manifest of its own (in a comparison). ``--overwrite`` removes exactly the entries that match, and only when every entry in
+the directory matches; a directory without a manifest, or with anything the manifest does not
+name, is refused with an error that lists the unknown entries. The directory itself is kept.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+
+MANIFEST = ".mgpo-jax-run.json"
+FORMAT = 1
+_LISTED = 4  # unknown entries named in an error
+SUB_RUN = "run"
+
+# What a single run writes: entry pattern -> the child patterns of a folder (None: a file).
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+RUN_ENTRIES: dict[str, tuple[str, ...] | None] = {
+    "config.json": None, "config.json.tmp": None,
+    "metrics.jsonl": None, "metrics.jsonl.tmp": None,
+    "summary.json": None, "summary.json.tmp": None,
+    "curves.png": None, "curves.png.tmp": None,
+    "checkpoints": ("[0-9]*",),  # orbax step folders and their *.orbax-checkpoint-tmp-* drafts
+    "adapters": _ADAPTER_FILES,
+    ".adapters.tmp-*": _ADAPTER_FILES,  # save_adapters' draft folder
+}
+COMPARE_FILES: dict[str, tuple[str, ...] | None] = {
+    "summary.json": None, "summary.json.tmp": None,
+    "compare.png": None, "compare.png.tmp": None,
+}
+
+
+class RunDirError(ValueError):
+  """A run directory that may not be used as asked (the message names ``--run-dir``)."""
+
+
+def check_usable(path: pathlib.Path) -> None:
+  """Raises unless ``path`` is, or can become, a directory this process may write into.
+
+  Writes nothing that stays: the check creates and removes one temporary folder in the
+  nearest existing ancestor when ``path`` does not exist yet.
+  """
+  if path.exists() and not path.is_dir():
+    raise RunDirError(f"--run-dir {path} exists and is not a directory")
+  ancestor = path
+  while not ancestor.exists():
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise RunDirError(f"--run-dir {path}: {ancestor} is not a directory")
+  try:
+    tempfile.TemporaryDirectory(dir=ancestor, prefix=".mgpo-jax-probe-").cleanup()
+  except OSError as err:
+    raise RunDirError(
+        f"--run-dir {path}: cannot create files in {ancestor} ({err.strerror or err})") from err
+
+
+def is_empty(path: pathlib.Path) -> bool:
+  return not (path.is_dir() and any(path.iterdir()))
+
+
+def read_manifest(path: pathlib.Path, kind: str) -> dict:
+  """The manifest of ``path``, checked to be a ``kind`` directory of a known format."""
+  file = path / MANIFEST
+  if not file.is_file():
+    raise RunDirError(f"--run-dir {path} is not an mgpo-jax {kind} directory (no {MANIFEST})")
+  try:
+    manifest = json.loads(file.read_text())
+    ok = (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+          and manifest.get("kind") == kind and isinstance(manifest.get("entries"), dict))
+  except ValueError:
+    ok = False
+  if not ok:
+    raise RunDirError(
+        f"--run-dir {path}: {MANIFEST} is not a format-{FORMAT} mgpo-jax {kind} manifest")
+  return manifest
+
+
+def create(path: pathlib.Path, kind: str,
+           entries: Mapping[str, Sequence[str] | str | None]) -> None:
+  """Makes ``path`` (empty or new) an mgpo-jax ``kind`` directory owning ``entries``."""
+  path.mkdir(parents=True, exist_ok=True)
+  if not is_empty(path):
+    raise RunDirError(f"--run-dir {path} is not empty")
+  manifest = {"format": FORMAT, "kind": kind,
+              "entries": {k: v if v in (None, SUB_RUN) else list(v) for k, v in entries.items()}}
+  write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def foreign_entries(path: pathlib.Path, kind: str) -> list[str]:
+  """The entries under ``path`` that mgpo-jax did not write: all of them without a valid
+  ``kind`` manifest, else those the manifest does not name (sub-runs of a comparison are
+  checked against their own manifests)."""
+  try:
+    return _unnamed_entries(path, kind)
+  except RunDirError:
+    return sorted(_shown(child) for child in path.iterdir())
+
+
+def _shown(entry: pathlib.Path, parent: str = "") -> str:
+  return parent + entry.name + ("/" if entry.is_dir() else "")
+
+
+def _unnamed_entries(path: pathlib.Path, kind: str) -> list[str]:
+  children = sorted(path.iterdir())
+  if all(child.name == MANIFEST + ".tmp" for child in children):
+    return []  # empty, or killed while the manifest was being written
+  entries = read_manifest(path, kind)["entries"]
+  unknown = []
+  for child in children:
+    if child.name in (MANIFEST, MANIFEST + ".tmp"):
+      continue
+    pattern = next((p for p in entries if fnmatch.fnmatchcase(child.name, p)), None)
+    if pattern is None:
+      unknown.append(_shown(child))
+    elif entries[pattern] == SUB_RUN:
+      if not child.is_dir():
+        unknown.append(_shown(child))
+      else:
+        unknown += [f"{child.name}/{n}" for n in foreign_entries(child, "run")]
+    elif (entries[pattern] is None) != (not child.is_dir()):
+      unknown.append(_shown(child))
+    elif child.is_dir():
+      unknown += [_shown(g, child.name + "/") for g in sorted(child.iterdir())
+                  if not any(fnmatch.fnmatchcase(g.name, p) for p in entries[pattern])]
+  return unknown
+
+
+def check_replaceable(path: pathlib.Path, kind: str) -> None:
+  """Raises unless ``--overwrite`` may clear ``path``: empty, or holding only what its
+  manifest names."""
+  unknown = foreign_entries(path, kind) if path.is_dir() else []
+  if unknown:
+    shown = ", ".join(unknown[:_LISTED]) + (", ..." if len(unknown) > _LISTED else "")
+    raise RunDirError(f"--overwrite: --run-dir {path} holds {len(unknown)} entr"
+                      f"{'y' if len(unknown) == 1 else 'ies'} mgpo-jax did not write "
+                      f"({shown}); not deleting anything")
+
+
+def clear(path: pathlib.Path, kind: str) -> None:
+  """Removes what the manifest of ``path`` names, then the manifest; keeps the folder.
+
+  Checked first with :func:`check_replaceable`; an interrupted clear leaves a directory that
+  can be cleared again (the manifest goes last).
+  """
+  check_replaceable(path, kind)
+  if not (path / MANIFEST).exists():
+    for child in path.iterdir():  # at most the draft of a manifest (_unnamed_entries)
+      child.unlink()
+    return
+  entries = read_manifest(path, kind)["entries"]
+  for child in sorted(path.iterdir()):
+    if child.name == MANIFEST:
+      continue
+    if entries.get(child.name) == SUB_RUN and child.is_dir():
+      clear(child, "run")
+      child.rmdir()
+    elif child.is_dir():
+      shutil.rmtree(child)
+    else:
+      child.unlink()
+  (path / MANIFEST).unlink()
+
+
+def is_unstarted(path: pathlib.Path, kind: str) -> bool:
+  """Whether ``path`` holds no saved ``kind`` yet (no ``config.json``) and nothing but what a
+  start of mgpo-jax cut short may have written: a resume has nothing to continue."""
+  if (path / "config.json").exists():
+    return False
+  return not (path.is_dir() and foreign_entries(path, kind))
+
+
+def remove_drafts(path: pathlib.Path) -> None:
+  """Removes the drafts (``*.tmp`` files, ``.adapters.tmp-*`` folders) that a killed process
+  left in the run directory ``path``; they are named by its manifest."""
+  entries = read_manifest(path, "run")["entries"]
+  for child in path.iterdir():
+    draft = any(fnmatch.fnmatchcase(child.name, p) for p in entries if "tmp" in p)
+    if draft and child.is_dir():
+      shutil.rmtree(child)
+    elif draft:
+      child.unlink()
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through ``path.tmp`` and a rename."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)

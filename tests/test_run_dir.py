@@ -1,0 +1,235 @@
+"""Run directories: mgpo-jax deletes only what it wrote; failed starts leave nothing; resume
+edge cases (a kill during the first save, changed flags, pruning, non-finite losses)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
+
+from benchmarks import _common  # noqa: E402
+from mgpo_jax import cli, finetune, run_dir  # noqa: E402
+from mgpo_jax.checkpoint import Checkpointer  # noqa: E402
+from mgpo_jax.finetune_config import FinetuneConfig  # noqa: E402
+
+TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=2, alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return _common.random_data({"train": 32, "validation": 8, "test": 8}, TINY["seq_len"])
+
+
+def _run(config, data, **kwargs):
+  return finetune.run(config, progress=False, data=data, base_model=_common.tiny_base_model,
+                      **kwargs)
+
+
+def _tree(path):
+  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+          for p in sorted(path.rglob("*"))}
+
+
+def _one_line_error(capsys, *needles):
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mgpo-jax: error:") and len(err.splitlines()) == 1, err
+  for needle in needles:
+    assert needle in err, err
+  return err
+
+
+# -- the data-loss reproduction and other folders that are not runs ---------------------------
+
+def test_overwrite_never_deletes_a_users_files(tmp_path):
+  """The reported command: a home folder with a thesis and a project; exit 2, all kept."""
+  home = tmp_path / "home"
+  (home / "someproject").mkdir(parents=True)
+  (home / "thesis.txt").write_text("precious")
+  (home / "someproject" / "config.json").write_text("{}")
+  before = _tree(home)
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  result = subprocess.run(
+      [sys.executable, "-m", "mgpo_jax.cli", "finetune", "--run-dir", "home", "--overwrite",
+       "--steps", "2", "--eval-every", "2", "--save-every", "2", "--seq-len", "16",
+       "--no-progress"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "someproject/" in lines[0] and "thesis.txt" in lines[0], lines
+  assert _tree(home) == before
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], [], ["--resume"]])
+def test_a_hugging_face_model_folder_is_never_touched(tmp_path, capsys, flags):
+  model = tmp_path / "my-bert"
+  model.mkdir()
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    (model / name).write_text("{}")
+  before = _tree(model)
+  assert cli.main(["finetune", "--run-dir", str(model), "--no-progress", *flags]) == 2
+  _one_line_error(capsys, "--run-dir")
+  assert _tree(model) == before
+
+
+def test_run_dir_that_is_a_file_or_cannot_be_created(tmp_path, capsys):
+  file = tmp_path / "file.txt"
+  file.write_text("x")
+  assert cli.main(["finetune", "--run-dir", str(file)]) == 2
+  _one_line_error(capsys, "--run-dir", "not a directory")
+  assert cli.main(["finetune", "--run-dir", str(file / "sub")]) == 2
+  _one_line_error(capsys, "--run-dir", "is not a directory")
+  if os.path.isdir("/proc/self"):
+    assert cli.main(["finetune", "--run-dir", "/proc/x"]) == 2
+    _one_line_error(capsys, "--run-dir /proc/x", "cannot create files in /proc")
+
+
+def test_a_failed_start_writes_nothing(tmp_path, capsys, data, monkeypatch):
+  monkeypatch.setattr(finetune, "load_data", lambda seq_len: data)
+  assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), "--batch-size", "100000",
+                   "--no-progress"]) == 2
+  _one_line_error(capsys, "--batch-size 100000", "training split")
+  assert not (tmp_path / "r").exists()
+  with pytest.raises(finetune.UserError, match="max_position_embeddings"):  # tiny BERT: 64
+    _run(FinetuneConfig(**{**TINY, "seq_len": 65}, run_dir=str(tmp_path / "r")),
+         _common.random_data({"train": 8, "validation": 8, "test": 8}, 65))
+  assert not (tmp_path / "r").exists()
+
+
+# -- overwrite removes exactly what a run wrote -------------------------------------------------
+
+def test_overwrite_removes_only_the_runs_entries(tmp_path, data):
+  config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "run"))
+  _run(config, data)
+  made = sorted(p.name for p in (tmp_path / "run").iterdir())
+  assert made == [".mgpo-jax-run.json", "adapters", "checkpoints", "config.json", "curves.png",
+                  "metrics.jsonl", "summary.json"]
+  (tmp_path / "run" / "adapters" / "README.md").write_text("my notes")
+  with pytest.raises(finetune.UserError, match=r"adapters/README.md"):
+    _run(config, data, overwrite=True)
+  (tmp_path / "run" / "adapters" / "README.md").unlink()
+  (tmp_path / "run" / "extra.txt").write_text("mine")
+  with pytest.raises(finetune.UserError, match=r"1 entry mgpo-jax did not write \(extra.txt\)"):
+    _run(config, data, overwrite=True)
+  assert (tmp_path / "run" / "extra.txt").read_text() == "mine"
+  (tmp_path / "run" / "extra.txt").unlink()
+  _run(config.replace(steps=3), data, overwrite=True)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
+
+
+def test_run_dir_module(tmp_path):
+  root = tmp_path / "cmp"
+  run_dir.create(root, "compare", {**run_dir.COMPARE_FILES, "a": run_dir.SUB_RUN})
+  run_dir.create(root / "a", "run", run_dir.RUN_ENTRIES)
+  (root / "a" / "checkpoints" / "3").mkdir(parents=True)
+  (root / "a" / "metrics.jsonl").write_text("{}\n")
+  (root / "summary.json").write_text("{}")
+  assert run_dir.foreign_entries(root, "compare") == []
+  assert run_dir.foreign_entries(root, "run") == [".mgpo-jax-run.json", "a/", "summary.json"]
+  (root / "a" / "checkpoints" / "notes").write_text("x")
+  (root / "b").mkdir()
+  assert run_dir.foreign_entries(root, "compare") == ["a/checkpoints/notes", "b/"]
+  with pytest.raises(run_dir.RunDirError, match="2 entries"):
+    run_dir.clear(root, "compare")
+  (root / "a" / "checkpoints" / "notes").unlink()
+  (root / "b").rmdir()
+  run_dir.clear(root, "compare")
+  assert root.is_dir() and not any(root.iterdir())  # the folder itself is kept
+  (root / (run_dir.MANIFEST + ".tmp")).write_text("{")  # a start killed mid-manifest
+  assert run_dir.is_unstarted(root, "run") and run_dir.foreign_entries(root, "run") == []
+
+
+# -- resume edge cases ---------------------------------------------------------------------------
+
+def test_resume_after_a_kill_during_the_first_save(tmp_path, data, monkeypatch):
+  """Records written before the first checkpoint are dropped: metrics match step 0."""
+  full = FinetuneConfig(**TINY, run_dir=str(tmp_path / "full"))
+  _run(full, data)
+  killed = full.replace(run_dir=str(tmp_path / "killed"))
+  real = Checkpointer.save
+  with monkeypatch.context() as m:
+    def dies_in_first_save(self, step, *args, **kwargs):
+      if step % TINY["save_every"] == 0:
+        raise KeyboardInterrupt
+      return real(self, step, *args, **kwargs)
+
+    m.setattr(Checkpointer, "save", dies_in_first_save)
+    with pytest.raises(KeyboardInterrupt):
+      _run(killed, data)
+  assert finetune.read_metrics(tmp_path / "killed" / "metrics.jsonl")  # step-1 records exist
+  assert not any((tmp_path / "killed" / "checkpoints").iterdir())
+  _run(killed, data, resume=True)
+  for name in ("metrics.jsonl", "summary.json", "adapters/adapter_model.safetensors"):
+    assert ((tmp_path / "full" / name).read_bytes()
+            == (tmp_path / "killed" / name).read_bytes()), name
+
+
+def test_resume_refuses_changed_flags(tmp_path, data, capsys, monkeypatch):
+  config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "run"))
+  _run(config, data)
+  before = _tree(tmp_path / "run")
+  monkeypatch.setattr(finetune, "load_data", lambda seq_len: data)
+  assert cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--steps", "40",
+                   "--lr", "0.5"]) == 2
+  _one_line_error(capsys, "--steps 40 (saved: 6)", "--lr 0.5 (saved: 0.001)")
+  assert _tree(tmp_path / "run") == before
+
+
+def test_opening_checkpoints_prunes_beyond_keep(tmp_path):
+  """A kill between a save and orbax's pruning leaves keep + 1 checkpoints; the next open
+  prunes them."""
+  state = {"w": __import__("numpy").arange(3.0)}
+  with Checkpointer(tmp_path, keep=None) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, state)
+  with Checkpointer(tmp_path, keep=2) as ckpt:
+    assert ckpt.all_steps() == [2, 3]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss(tmp_path, data, policy):
+  config = FinetuneConfig(**{**TINY, "lr": 1e30, "steps": 12, "save_every": 2, "eval_every": 12},
+                          nonfinite=policy, run_dir=str(tmp_path / "run"))
+  if policy == "stop":
+    with pytest.raises(finetune.UserError, match="non-finite by step .* last checkpoint"):
+      _run(config, data)
+    with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+      last = ckpt.latest_step()
+    assert last is None or last < 12
+  else:
+    _run(config, data)
+  text = (tmp_path / "run" / "metrics.jsonl").read_text()
+
+  def strict(name):
+    raise ValueError(f"{name} is not JSON")
+
+  records = [json.loads(line, parse_constant=strict) for line in text.splitlines()]
+  assert any(r.get("loss", 0) is None for r in records)  # null, never NaN
+
+
+# -- flags ---------------------------------------------------------------------------------------
+
+def test_every_config_field_is_a_flag_with_help_and_default(capsys):
+  assert cli.main(["finetune", "--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  for name, value in FinetuneConfig().__dict__.items():
+    flag = "--" + name.replace("_", "-")
+    assert flag in text, flag
+  assert text.count("(default:") == len(FinetuneConfig().__dict__)
+  assert "(default: None)" not in text
+
+
+def test_config_file_with_flags_overriding(tmp_path):
+  toml = tmp_path / "run.toml"
+  toml.write_text('rank = 4\nalpha = 8.0\ntarget_modules = "query,attention.output.dense"\n'
+                  'optimizer = "sam"\n')
+  args = cli._parser().parse_args(["finetune", "--config", str(toml), "--rank", "2"])
+  config = cli._config(args)
+  assert (config.rank, config.alpha, config.optimizer) == (2, 8.0, "sam")
+  assert config.target_modules == ("query", "attention.output.dense")
+  (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
+  args = cli._parser().parse_args(["finetune", "--config", str(tmp_path / "bad.json")])
+  with pytest.raises(ValueError, match="unknown field.*rnak"):
+    cli._config(args)
