@@ -6,7 +6,7 @@ models, and a jitted data-parallel train step. The math is in ``docs/`` and
 """
 
 __version__ = "0.1.0"
-from mgpo_jax.transform import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
+from mgpo_jax.transform import MGPOState, follow_schedule, mgpo, mgpo_adamw, mgpo_eval_params
 from mgpo_jax.analysis import top_hessian_eigenvalue
 from mgpo_jax.data import (DataUnavailableError, Split, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
