@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "mgpo_jax.transform": ("MGPOState", "mgpo", "mgpo_adamw", "mgpo_eval_params"),
+    "mgpo_jax.transform": ("MGPOState", "follow_schedule", "mgpo", "mgpo_adamw",
+                           "mgpo_eval_params"),
     "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),

@@ -1,6 +1,7 @@
 """LoRA-MGPO (momentum-guided perturbation) as an Optax gradient transformation.
 
-The math and its sources are in ``docs/mgpo.md`` (ALGORITHMS.md section 1).
+The math, the sources of the defaults and a study of where the method converges are in
+``docs/mgpo.md``.
 """
 
 from collections.abc import Hashable, Sequence
@@ -41,19 +42,23 @@ def _is_concrete(value: Any) -> bool:
 
 
 def _validate(rho, ema_decay, sign, max_inv_norm, scope) -> None:
+  """Checks the scalars; traced values and schedules (callables) are not checked."""
   if scope not in _SCOPES:
     raise ValueError(f"mgpo: scope must be one of {_SCOPES}, got {scope!r}.")
   checks = (
-      ("rho", rho, lambda v: v >= 0.0, "a number >= 0"),
+      ("rho", rho, lambda v: v >= 0.0, "a number >= 0 or a schedule"),
       ("ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
       ("sign", sign, lambda v: v in (-1.0, 1.0), "-1 or +1"),
   )
   if max_inv_norm is not None:
     checks += (
-        ("max_inv_norm", max_inv_norm, lambda v: v > 0.0, "None or a number > 0"),
+        ("max_inv_norm", max_inv_norm, lambda v: v > 0.0,
+         "None, a number > 0 or a schedule"),
     )
   for name, value, ok, accepted in checks:
-    if _is_concrete(value) and not ok(float(value)):
+    if callable(value) or not _is_concrete(value):
+      continue
+    if not ok(float(value)):
       raise ValueError(f"mgpo: {name} must be {accepted}, got {value!r}.")
 
 
@@ -128,45 +133,99 @@ def _stat_dtype(leaves: Sequence[jax.Array]) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *(x.dtype for x in leaves))
 
 
+def _at(value: Any, count: jax.Array) -> Any:
+  """A hyper-parameter's value after ``count`` updates: ``value(count)`` for a schedule."""
+  return value(count) if callable(value) else value
+
+
+def follow_schedule(schedule: optax.Schedule, value: float, peak_value: float) -> optax.Schedule:
+  r"""A schedule that is ``value`` where ``schedule`` is ``peak_value``, and follows it.
+
+  .. math::
+
+    ρ(k) = \text{value} \cdot \text{schedule}(k) / \text{peak\_value}
+
+  Used to anneal MGPO's ``rho`` with the learning rate: with a warm-up and cosine
+  learning-rate schedule that decays to 0, ρ warms up and decays to 0 with it, and the
+  clean iterate of :func:`mgpo` settles on the base optimizer's fixed point.
+
+  Args:
+    schedule: an optax schedule, e.g. the learning-rate schedule.
+    value: the value to take where ``schedule`` equals ``peak_value``.
+    peak_value: the reference value of ``schedule`` (e.g. its peak learning rate), > 0.
+
+  Returns:
+    An optax schedule (a callable of the step count).
+
+  Raises:
+    ValueError: if ``peak_value`` is not > 0.
+
+  Examples:
+    >>> import optax
+    >>> from mgpo_jax import follow_schedule, mgpo
+    >>> lr = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 30, 1000)
+    >>> rho = follow_schedule(lr, 0.05, 1e-3)
+    >>> print(f"{rho(0):.3f} {rho(30):.3f} {rho(1000):.3f}")
+    0.000 0.050 0.000
+    >>> tx = mgpo(optax.adamw(lr), rho=rho)
+  """
+  if not peak_value > 0:
+    raise ValueError(f"follow_schedule: peak_value must be a number > 0, got {peak_value!r}.")
+  scale = value / peak_value
+  return lambda count: scale * schedule(count)
+
+
 def mgpo(
     base_optimizer: optax.GradientTransformation,
     *,
-    rho: float | jax.Array = 0.05,
+    rho: optax.ScalarOrSchedule = 0.05,
     ema_decay: float | jax.Array = 0.9,
-    sign: float | jax.Array = 1.0,
-    max_inv_norm: float | jax.Array | None = 10.0,
+    sign: float | jax.Array = -1.0,
+    max_inv_norm: optax.ScalarOrSchedule | None = 10.0,
     eps: float = 1e-12,
     scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-MGPO: momentum-guided perturbation around a base optimizer.
 
-  The gradient of each step is taken at a perturbed point :math:`θ_t + ε_t`
+  The gradient of each step is taken at a perturbed point :math:`θ_k + ε_k`
   whose direction is the base optimizer's first moment :math:`m` (Adam's
   ``mu``, or SGD's ``trace``) and whose size is set by an EMA :math:`\bar g` of
   gradient norms. The step itself is the base optimizer's step on the clean
-  :math:`θ_t`:
+  :math:`θ_k`. Update :math:`k = 0, 1, \dots` (the step count, as for an optax
+  learning-rate schedule) does
 
   .. math::
 
     \begin{align*}
-      ε_t &= s\,ρ\,\frac{m_{t-1}}{\lVert m_{t-1}\rVert}
-             \min\!\Big(\frac{1}{\bar g(t-1)}, c_{\max}\Big), \\
-      g_t &= \nabla L(θ_t + ε_t), \\
-      θ_{t+1} &= θ_t + Δ_t,\quad Δ_t = \text{base step on } θ_t
-                 \text{ with } g_t \text{ (updates } m, v), \\
-      \bar g(t) &= β\,\bar g(t-1) + (1-β)\,\lVert g_t\rVert
-                 \quad(\bar g(1) = \lVert g_1\rVert).
+      g_k &= \nabla L(θ_k + ε_k), \\
+      θ_{k+1} &= θ_k + Δ_k,\quad Δ_k = \text{base step on } θ_k
+                 \text{ with } g_k \text{ (updates } m, v), \\
+      \bar g_k &= β\,\bar g_{k-1} + (1-β)\,\lVert g_k\rVert
+                 \quad(\bar g_0 = \lVert g_0\rVert), \\
+      ε_{k+1} &= s\,ρ(k)\,\frac{m_k}{\lVert m_k\rVert}
+             \min\!\Big(\frac{1}{\bar g_k}, c_{\max}(k)\Big),
     \end{align*}
 
-  :math:`m_0 = 0`, so the first step is unperturbed. Where
+  with :math:`ε_0 = 0` (the first step is unperturbed). Where
   :math:`\lVert m\rVert \le` ``eps`` or the size is not finite, ε = 0.
+  ``rho`` and ``max_inv_norm`` may be schedules, evaluated at the number of
+  updates so far as optax does for ``learning_rate`` (and as
+  :func:`optax.inject_hyperparams` does, so both ways give the same optimizer).
+
+  **Convergence.** As the gradients vanish, :math:`\bar g \to 0` and the size
+  of ε grows to :math:`ρ\,c_{\max}`. With :math:`s = +1` (the paper's text) ε
+  points along the momentum and the clean iterate settles about one
+  :math:`\lVert ε\rVert` short of the minimum; with :math:`s = -1` (the
+  default, the authors' released code) ε flips with the momentum and the clean
+  iterate converges; with a ``rho`` schedule that decays to 0 (e.g.
+  :func:`follow_schedule` of the learning rate) either sign converges.
 
   **Shifted iterate** (as in :func:`optax.contrib.schedule_free`): the params
-  the training loop holds are :math:`p_t = θ_t + ε_t`, so an unmodified loop
+  the training loop holds are :math:`p_k = θ_k + ε_k`, so an unmodified loop
   takes every gradient at the perturbed point with one forward/backward pass.
-  ``update`` computes :math:`θ_t = p_t - ε_t` (ε rebuilt from the state, never
-  stored), passes :math:`θ_t` as ``params`` to the base optimizer (so weight
-  decay acts on θ) and returns :math:`u_t = Δ_t - ε_t + ε_{t+1}`. Use
+  ``update`` computes :math:`θ_k = p_k - ε_k` (ε rebuilt from the state, never
+  stored), passes :math:`θ_k` as ``params`` to the base optimizer (so weight
+  decay acts on θ) and returns :math:`u_k = Δ_k - ε_k + ε_{k+1}`. Use
   :func:`mgpo_eval_params` for the clean θ (evaluation, export, checkpoints).
 
   ``scope="global"`` normalises :math:`m` and keeps :math:`\bar g` over all
@@ -180,15 +239,17 @@ def mgpo(
     base_optimizer: the optimizer that takes the steps; must keep a first
       moment (``optax.adam``/``optax.adamw``/``scale_by_adam``, or
       ``optax.sgd`` with momentum), also inside chains and wrappers.
-    rho: perturbation radius ρ >= 0. Default 0.05: the paper's NLU setting
-      (T5-base on GLUE); the paper uses 0.01 for LLaMA-2-7B. ``rho=0`` gives
-      the base optimizer exactly.
+    rho: perturbation radius ρ >= 0, a scalar or a schedule. Default 0.05: the
+      paper's NLU setting (T5-base on GLUE); the paper uses 0.01 for
+      LLaMA-2-7B. ``rho=0`` gives the base optimizer exactly.
     ema_decay: β in [0, 1) of the gradient-norm EMA. Default 0.9: the paper's
       NLU setting (0.8 for LLaMA-2-7B).
-    sign: +1 (the paper's text: move along the momentum) or -1 (the released
-      code and Momentum-SAM: move against it). Default +1, the paper's.
-    max_inv_norm: cap :math:`c_{\max}` on :math:`1/\bar g`. Default 10, the
-      released code's; ``None`` is the paper's literal :math:`1/\bar g`.
+    sign: -1 (the default: the authors' released code and Momentum-SAM; moves
+      against the momentum, converges with a constant ρ) or +1 (the paper's
+      text: moves along the momentum; converges only with a ρ that decays).
+    max_inv_norm: cap :math:`c_{\max}` on :math:`1/\bar g`, a scalar or a
+      schedule. Default 10, the released code's; ``None`` is the paper's
+      literal :math:`1/\bar g`.
     eps: no perturbation where the momentum norm is at most ``eps``. Default
       1e-12, the released code's guard.
     scope: ``"global"`` (the paper's) or ``"per_module"`` (the released code's
@@ -217,10 +278,18 @@ def mgpo(
     >>> print(f"{loss(theta):.2f}")  # from 3.09 at the start; the minimum is 2
     2.00
 
+    The paper's literal form, with ρ annealed along a cosine schedule:
+
+    >>> paper = mgpo(optax.adamw(0.1), rho=optax.cosine_decay_schedule(0.05, 50),
+    ...              sign=1.0, max_inv_norm=None)
+
   References:
     Chang, Guo, Chang, Wu, `LoRA-MGPO: Mitigating Double Descent in Low-Rank
     Adaptation via Momentum-Guided Perturbation Optimization
     <https://arxiv.org/abs/2502.14538>`_, EMNLP 2025 Findings.
+
+    Becker, Altrock, Risse, `Momentum-SAM: Sharpness Aware Minimization without
+    Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
   """
   _validate(rho, ema_decay, sign, max_inv_norm, scope)
   base = optax.with_extra_args_support(base_optimizer)
@@ -248,14 +317,14 @@ def mgpo(
     ids, n = _group_ids(keys, scope)
     dtype = state.eps_scale.dtype
 
-    # θ_t = p_t − ε_t, with ε_t rebuilt from m_{t-1} and the scale applied then.
+    # θ_k = p_k − ε_k, with ε_k rebuilt from m_{k-1} and the scale applied then.
     eps_old = _perturbation(state.eps_scale, _aligned(_first_moment(state.base_state), keys), ids)
     theta = [(p.astype(jnp.promote_types(p.dtype, dtype)) - e).astype(p.dtype)
              for p, e in zip(p_leaves, eps_old)]
     delta, base_state = base.update(
         updates, state.base_state, treedef.unflatten(theta), **extra_args)
 
-    # ḡ(t) from ‖g_t‖; ε_{t+1} from m_t and ḡ(t).
+    # ḡ_k from ‖g_k‖; ε_{k+1} from m_k, ḡ_k and the schedules at k.
     g_norm = jnp.reshape(_group_norms(g_leaves, ids, n, dtype), state.grad_norm_ema.shape)
     ema = jnp.where(
         state.count == 0, g_norm,
@@ -263,14 +332,14 @@ def mgpo(
     ).astype(dtype)
     inv = 1.0 / ema
     if max_inv_norm is not None:
-      inv = jnp.minimum(inv, max_inv_norm)
+      inv = jnp.minimum(inv, _at(max_inv_norm, state.count))
     mu = _aligned(_first_moment(base_state), keys)
     mu_norm = jnp.reshape(_group_norms(mu, ids, n, dtype), ema.shape)
-    scale = sign * rho * inv / mu_norm
+    scale = sign * _at(rho, state.count) * inv / mu_norm
     scale = jnp.where((mu_norm > eps) & jnp.isfinite(scale), scale, 0.0).astype(dtype)
     eps_new = _perturbation(scale, mu, ids)
 
-    # u_t = Δ_t − ε_t + ε_{t+1}
+    # u_k = Δ_k − ε_k + ε_{k+1}
     u = [(d.astype(jnp.promote_types(d.dtype, dtype)) - eo + en).astype(d.dtype)
          for d, eo, en in zip(treedef.flatten_up_to(delta), eps_old, eps_new)]
     new_state = MGPOState(
@@ -330,10 +399,10 @@ def mgpo_adamw(
     eps: float | jax.Array = 1e-8,
     weight_decay: float | jax.Array = 0.0,
     mask: Any = None,
-    rho: float | jax.Array = 0.05,
+    rho: optax.ScalarOrSchedule = 0.05,
     ema_decay: float | jax.Array = 0.9,
-    sign: float | jax.Array = 1.0,
-    max_inv_norm: float | jax.Array | None = 10.0,
+    sign: float | jax.Array = -1.0,
+    max_inv_norm: optax.ScalarOrSchedule | None = 10.0,
     scope: str = "global",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with LoRA-MGPO: ``mgpo(optax.adamw(...), ...)``.
@@ -349,10 +418,12 @@ def mgpo_adamw(
     eps: Adam's ε added to the denominator.
     weight_decay: decoupled weight decay, applied to the clean θ.
     mask: weight-decay mask, as in :func:`optax.adamw`.
-    rho: perturbation radius (paper NLU default 0.05).
+    rho: perturbation radius, a scalar or a schedule (paper NLU default 0.05;
+      :func:`follow_schedule` anneals it with the learning rate).
     ema_decay: β of the gradient-norm EMA (paper NLU default 0.9).
-    sign: +1 (paper) or -1 (released code).
-    max_inv_norm: cap on 1/ḡ (released code: 10; ``None``: paper's literal).
+    sign: -1 (default, released code) or +1 (paper's text); see :func:`mgpo`.
+    max_inv_norm: cap on 1/ḡ, a scalar or a schedule (released code: 10;
+      ``None``: paper's literal).
     scope: ``"global"`` (paper) or ``"per_module"`` (released code).
 
   Returns:

@@ -212,7 +212,7 @@ def test_chain_after_clipping_matches_reference():
   steps, lr, clip = 50, 0.05, 0.5
   params, targets = _problem(4)
   with jax.enable_x64(True):
-    tx = optax.chain(optax.clip_by_global_norm(clip), mgpo_adamw(lr, rho=0.05))
+    tx = optax.chain(optax.clip_by_global_norm(clip), mgpo_adamw(lr, rho=0.05, sign=1.0))
     p, state = _run(tx, jax.tree.map(jnp.asarray, params), _jax_loss(targets), steps)
     ref = _reference(params, targets, steps, lr=[lr] * steps, rho=[0.05] * steps, sign=1.0,
                      max_inv_norm=10.0, weight_decay=0.0, scope="global", clip=clip)
@@ -225,7 +225,7 @@ def test_inject_hyperparams_changes_take_effect():
   lrs = [0.05] * switch + [0.02] * (steps - switch)
   rhos = [0.05] * switch + [0.2] * (steps - switch)
   with jax.enable_x64(True):
-    tx = optax.inject_hyperparams(mgpo_adamw)(learning_rate=lrs[0], rho=rhos[0])
+    tx = optax.inject_hyperparams(mgpo_adamw)(learning_rate=lrs[0], rho=rhos[0], sign=1.0)
     loss = _jax_loss(targets)
     step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
         *tx.update(jax.grad(loss)(p), s, p)))
