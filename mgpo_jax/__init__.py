@@ -17,5 +17,5 @@ from mgpo_jax.lora import (DenseNoise, LoraConfig, LoraLinear, LowRank, apply_lo
                            clear_perturbations, frozen, init_lora_params, lora_labels,
                            lora_modules, merge_lora, merge_lora_params, perturbed,
                            set_perturbations, split_lora, trainable)
-from mgpo_jax.peft_io import load_adapters, save_adapters
+from mgpo_jax.lora import load_adapters, save_adapters
 from mgpo_jax.models import BertForSequenceClassification, BertModel, LlamaForCausalLM
