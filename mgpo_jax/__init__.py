@@ -27,8 +27,8 @@ _EXPORTS = {
     "mgpo_jax.lora": ("DenseNoise", "LoraConfig", "LoraLinear", "LowRank", "apply_lora",
                       "clear_perturbations", "frozen", "init_lora_params", "lora_labels",
                       "lora_modules", "merge_lora", "merge_lora_params", "perturbed",
-                      "set_perturbations", "split_lora", "trainable"),
-    "mgpo_jax.peft_io": ("load_adapters", "save_adapters"),
+                      "load_adapters", "save_adapters", "set_perturbations", "split_lora",
+                      "trainable"),
     "mgpo_jax.models": ("BertForSequenceClassification", "BertModel", "LlamaForCausalLM"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

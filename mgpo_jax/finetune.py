@@ -39,7 +39,7 @@ from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iter
 from mgpo_jax.finetune_config import FinetuneConfig
 from mgpo_jax.lora import LoraConfig, apply_lora
 from mgpo_jax.models import BertForSequenceClassification
-from mgpo_jax.peft_io import save_adapters
+from mgpo_jax.lora import save_adapters
 from mgpo_jax.train import Trainer, TrainState, clean_params, make_mesh
 from mgpo_jax.transform import mgpo
 

@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import _common  # noqa: E402
-from mgpo_jax import checkpoint, finetune, peft_io, run_dir  # noqa: E402
+from mgpo_jax import checkpoint, finetune, run_dir  # noqa: E402
+from mgpo_jax.lora import peft_io  # noqa: E402
 from mgpo_jax.finetune_config import FinetuneConfig  # noqa: E402
 
 CONFIG = dict(optimizer="mgpo", rank=2, alpha=4.0, batch_size=8, seq_len=16, steps=7,

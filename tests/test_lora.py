@@ -201,11 +201,38 @@ def test_rank_too_large_and_other_surgery_errors():
     _adapted(LoraConfig(target_modules=["dense"], r=6))
   with pytest.raises(ValueError, match="modules_to_save name 'head'"):
     _adapted(LoraConfig(target_modules=["query"], r=2, modules_to_save=["head"]))
-  with pytest.raises(ValueError, match="overlaps"):
-    _adapted(LoraConfig(target_modules=["query"], r=2, modules_to_save=["layers.0"]))
   model = apply_lora(Tiny(nnx.Rngs(0)), LoraConfig(target_modules=["query"], r=2), rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="already"):
     apply_lora(model, LoraConfig(target_modules=["value"], r=2), rngs=nnx.Rngs(1))
+
+
+def test_single_string_is_a_fullmatch_regex_and_the_error_says_how_to_match_by_name():
+  with pytest.raises(ValueError, match="matches no linear") as e:
+    _adapted(LoraConfig(target_modules="0.dense", r=2))  # a regex: must match the whole path
+  assert "pass a list: ['0.dense']" in str(e.value)
+  assert _adapted(LoraConfig(target_modules=["0.dense"], r=2)) == ["layers.0.dense"]
+  assert _adapted(LoraConfig(target_modules=r".*\.0\.dense", r=2)) == ["layers.0.dense"]
+  # names are literal, never regexes, and match only at a dot boundary
+  with pytest.raises(ValueError, match="matches no linear"):
+    _adapted(LoraConfig(target_modules=["layers.[01].up", "ayers.0.up"], r=2))
+  assert _adapted(LoraConfig(target_modules="ALL-LINEAR", r=2)) == _adapted(
+    LoraConfig(target_modules="all-linear", r=2))
+
+
+@pytest.mark.parametrize("saved", ["classifier", "layers.0"])
+def test_targets_skip_modules_to_save_and_what_is_inside_them(saved):
+  model = apply_lora(Tiny(nnx.Rngs(0)), LoraConfig(target_modules=".*", r=2,
+                                                   modules_to_save=[saved]), rngs=nnx.Rngs(1))
+  adapted = sorted(lora_modules(model))
+  everything = _adapted(LoraConfig(target_modules=".*", r=2))
+  assert len(everything) == 9 and adapted == [
+    p for p in everything if p != saved and not p.startswith(saved + ".")]
+  module = model.classifier if saved == "classifier" else model.layers[0]
+  assert all(type(v) is nnx.LoRAParam for v in jax.tree.leaves(
+    nnx.state(module, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  # a list name equal to a module to save is skipped too; nothing else left is an error
+  with pytest.raises(ValueError, match="matches no linear module outside modules_to_save"):
+    _adapted(LoraConfig(target_modules=["classifier"], r=2, modules_to_save=["classifier"]))
 
 
 # ------------------------------------------------------------------------------ training

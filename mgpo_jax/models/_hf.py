@@ -1,19 +1,7 @@
 """Loading Hugging Face checkpoint files from a local directory into the NNX models.
 
-The models in this package name their submodules exactly like Hugging Face's PyTorch modules,
-so a module's NNX path joined with ``"."`` is its PyTorch module name. A parameter's HF name is
-then that path plus the PyTorch parameter name:
-
-=================  ==================  ===========================================
-NNX module         NNX parameter       HF parameter
-=================  ==================  ===========================================
-``nnx.Linear``     ``kernel`` (in,out) ``weight`` (out, in), hence transposed
-``nnx.Linear``     ``bias``            ``bias``
-``nnx.Embed``      ``embedding``       ``weight``
-``nnx.LayerNorm``  ``scale``, ``bias`` ``weight``, ``bias``
-``nnx.RMSNorm``    ``scale``           ``weight``
-=================  ==================  ===========================================
-
+Checkpoint keys are matched to the model's parameters by their HF names, which
+:mod:`mgpo_jax.hf_names` owns (NNX path + PyTorch parameter name, linear weights transposed).
 Loading is strict: a checkpoint tensor with no home in the model, a model parameter absent
 from the checkpoint, or a shape mismatch raises :class:`CheckpointMismatchError`.
 Nothing here touches the network: the directory must exist locally.
@@ -31,6 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors import safe_open
 
+from mgpo_jax.hf_names import hf_parameters
+
 if TYPE_CHECKING:  # transformers imports torch where installed: only load it when reading files
   from transformers import PretrainedConfig
 
@@ -39,14 +29,6 @@ M = TypeVar("M", bound=nnx.Module)
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 _MAX_LISTED = 12
-
-# PyTorch parameter names of the NNX layers' parameters, and whether the tensor is transposed.
-_NNX_TO_TORCH: dict[type[nnx.Module], dict[str, tuple[str, bool]]] = {
-  nnx.Linear: {"kernel": ("weight", True), "bias": ("bias", False)},
-  nnx.Embed: {"embedding": ("weight", False)},
-  nnx.LayerNorm: {"scale": ("weight", False), "bias": ("bias", False)},
-  nnx.RMSNorm: {"scale": ("weight", False)},
-}
 
 # Hugging Face ``hidden_act`` names -> JAX functions (ACT2FN in transformers/activations.py).
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -131,21 +113,6 @@ class SafetensorsCheckpoint:
   def load(self, key: str) -> jax.Array:
     with safe_open(str(self._file_of[key]), framework="flax") as f:
       return f.get_tensor(key)
-
-
-def hf_parameters(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
-  """HF parameter name -> (the model's variable, whether the HF tensor is its transpose)."""
-  params = {}
-  for path, module in nnx.iter_modules(model):
-    for kind, names in _NNX_TO_TORCH.items():
-      if not isinstance(module, kind):
-        continue
-      for nnx_name, (torch_name, transposed) in names.items():
-        variable = getattr(module, nnx_name, None)
-        if variable is not None:
-          params[".".join(map(str, (*path, torch_name)))] = (variable, transposed)
-      break
-  return params
 
 
 def _listing(names: Iterable[str]) -> str:

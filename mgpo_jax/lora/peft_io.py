@@ -5,12 +5,13 @@ with keys ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora
 (out, r): PyTorch's (out, in) orientation, so each Flax factor is transposed
 (``lora_A.weight = Aᵀ``, ``lora_B.weight = Bᵀ``). Parameters of ``modules_to_save`` are stored
 under ``base_model.model.<module path>.<torch name>`` (``weight``/``bias``; a Linear's weight
-transposed). Module paths are the NNX graph paths, which the shipped models keep equal to the
-PyTorch module names.
+transposed). The names and transposes come from :mod:`mgpo_jax.hf_names`; module paths are the
+NNX graph paths, which the shipped models keep equal to the PyTorch module names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from mgpo_jax.lora import ALL_LINEAR, LoraConfig, LoraLinear, apply_lora, lora_modules, trainable
+from mgpo_jax import hf_names  # a module import: hf_names itself imports mgpo_jax.lora.layer
+from mgpo_jax.lora import _graph
+from mgpo_jax.lora.config import ALL_LINEAR, LoraConfig, matches_name
+from mgpo_jax.lora.surgery import apply_lora, lora_modules, trainable
 
 __all__ = ["save_adapters", "load_adapters", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -34,37 +38,9 @@ _PREFIX = "base_model.model."
 _INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
 
 
-def _torch_name(module: Any, attr: str) -> tuple[str, bool]:
-  """PyTorch parameter name for an NNX variable, and whether its array is transposed."""
-  if isinstance(module, (nnx.Linear, LoraLinear)) and attr == "kernel":
-    return "weight", True
-  if isinstance(module, nnx.Embed) and attr == "embedding":
-    return "weight", False
-  if attr == "scale":  # LayerNorm / RMSNorm
-    return "weight", False
-  return attr, False
-
-
 def _adapter_tensors(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
   """PEFT key -> (variable, transposed) for every trainable tensor of ``model``."""
-  out: dict[str, tuple[nnx.Variable, bool]] = {}
-  for path, layer in lora_modules(model).items():
-    out[f"{_PREFIX}{path}.lora_A.weight"] = (layer.lora_a, True)
-    out[f"{_PREFIX}{path}.lora_B.weight"] = (layer.lora_b, True)
-  for parts, var in nnx.to_flat_state(nnx.state(model, trainable)):
-    if parts[-1] in ("lora_a", "lora_b"):
-      continue
-    parent: Any = model
-    for p in parts[:-1]:
-      parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-    name, transposed = _torch_name(parent, parts[-1])
-    module_path = ".".join(str(p) for p in parts[:-1])
-    out[f"{_PREFIX}{module_path}.{name}"] = (_variable(parent, parts[-1]), transposed)
-  return out
-
-
-def _variable(parent: Any, attr: str) -> nnx.Variable:
-  return parent[attr] if isinstance(attr, int) else getattr(parent, attr)
+  return {_PREFIX + name: v for name, v in hf_names.hf_parameters(model, trainable).items()}
 
 
 def _to_numpy(x: jax.Array, transposed: bool) -> np.ndarray:
@@ -198,8 +174,10 @@ def load_adapters(
 
   If ``model`` has no LoRA modules yet, :func:`~mgpo_jax.lora.apply_lora` is applied first
   with the saved config (for ``init_lora_weights="pissa"`` this recomputes the residual
-  base kernels, as PEFT does). Every expected tensor must be present with the right shape,
-  and no unknown tensor may be present.
+  base kernels, as PEFT does). As in PEFT, a ``modules_to_save`` name that matches no module
+  of ``model`` is ignored (PEFT's ``task_type="SEQ_CLS"`` writes ``["classifier", "score"]``
+  whatever the head's name). Every expected tensor must be present with the right shape, and
+  every saved tensor must have a home in ``model``.
 
   Args:
    path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -208,11 +186,16 @@ def load_adapters(
    rngs: used only to build the adapter modules (dropout streams); default ``nnx.Rngs(0)``.
 
   Returns:
-   ``(model, config)``; ``model`` is updated in place.
+   ``(model, config)``; ``model`` is updated in place, and ``config`` is the saved config
+   with ``modules_to_save`` reduced to the names that match a module of ``model``.
   """
   path = os.fspath(path)
   with open(os.path.join(path, CONFIG_NAME)) as f:
     config = _config_from_peft(json.load(f))
+  modules = _graph.module_paths(model)
+  config = dataclasses.replace(config, modules_to_save=tuple(
+    n for n in config.modules_to_save if any(matches_name(m, n) for m in modules)
+  ))
   if not lora_modules(model):
     apply_lora(model, config, rngs=rngs if rngs is not None else nnx.Rngs(0))
   for p, layer in lora_modules(model).items():
