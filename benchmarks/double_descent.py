@@ -100,7 +100,7 @@ def _plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Trains every (rank, method); writes ``--out`` and ``--plot``; returns the results dict."""
   from mgpo_jax import finetune
-  from mgpo_jax.finetune_config import FinetuneConfig
+  from mgpo_jax.finetune.config import FinetuneConfig
 
   args = parse_args(argv)
   if not args.quick:  # the cache is process-wide: leave a test process's config alone

@@ -25,7 +25,9 @@ if __package__ in (None, ""):
 
 from benchmarks import _common  # noqa: E402
 
-OPTIMIZERS = ("adamw", "mgpo", "sam")
+from mgpo_jax.methods import METHODS  # noqa: E402
+
+OPTIMIZERS = tuple(METHODS)  # every registered method, side by side
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +69,7 @@ def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
   from flax import nnx
 
   from mgpo_jax import finetune
-  from mgpo_jax.finetune_config import FinetuneConfig
+  from mgpo_jax.finetune.config import FinetuneConfig
   from mgpo_jax.lora import lora_modules
   from mgpo_jax.train import Trainer
 

@@ -29,7 +29,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora": {"optimizer": "adamw"},
     "mgpo+1": {"optimizer": "mgpo", "sign": 1.0},
     "mgpo-1": {"optimizer": "mgpo", "sign": -1.0},
-    "sam": {"optimizer": "sam", "rho": 0.003},
+    "sam": {"optimizer": "sam"},  # the registry's rho
 }
 HESSIAN_BATCH = 16
 HESSIAN_ITERS = 10
@@ -78,7 +78,7 @@ def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
 
   from mgpo_jax import finetune
   from mgpo_jax.analysis import top_hessian_eigenvalue
-  from mgpo_jax.checkpoint import Checkpointer
+  from mgpo_jax.train.checkpoint import Checkpointer
   from mgpo_jax.train import Trainer, classification_loss, clean_params
 
   model, _ = finetune.build_model(config, base_model(config) if base_model else None)
@@ -100,7 +100,7 @@ def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
 
 def _one_run(args, data, method: str, lr: float, seed: int, base_model=None) -> dict[str, Any]:
   from mgpo_jax import finetune
-  from mgpo_jax.finetune_config import FinetuneConfig
+  from mgpo_jax.finetune.config import FinetuneConfig
 
   config = FinetuneConfig(
       rank=8, alpha=16.0, lr=lr, weight_decay=0.0, batch_size=args.batch_size,

@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "mgpo_jax.transform": ("MGPOState", "follow_schedule", "mgpo", "mgpo_adamw",
+    "mgpo_jax.optim.mgpo": ("MGPOState", "follow_schedule", "mgpo", "mgpo_adamw",
                            "mgpo_eval_params"),
     "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),
-    "mgpo_jax.checkpoint": ("CheckpointError", "Checkpointer"),
+    "mgpo_jax.train.checkpoint": ("CheckpointError", "Checkpointer"),
     "mgpo_jax.train": ("TrainState", "Trainer", "classification_loss", "clean_params",
                        "make_mesh"),
     "mgpo_jax.lora": ("DenseNoise", "LoraConfig", "LoraLinear", "LowRank", "apply_lora",

@@ -1,6 +1,6 @@
 """The ``mgpo-jax`` command line: ``mgpo-jax finetune [flags]``.
 
-The flags are generated from :class:`mgpo_jax.finetune_config.FinetuneConfig`'s fields (help
+The flags are generated from :class:`mgpo_jax.finetune.config.FinetuneConfig`'s fields (help
 text and defaults included); ``--config FILE`` (TOML or JSON) sets fields, flags override it.
 Everything is validated before any heavy import, and bad input ends with one clear line on
 stderr and exit status 2; nothing is written or deleted.
@@ -18,7 +18,7 @@ import tomllib
 import typing
 from typing import Any
 
-from mgpo_jax.finetune_config import OPTIMIZERS, FinetuneConfig, flag
+from mgpo_jax.finetune.config import OPTIMIZERS, FinetuneConfig, choice_text, flag
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,15 +43,14 @@ def _parser() -> argparse.ArgumentParser:
   for f in dataclasses.fields(FinetuneConfig):
     kind = hints[f.name]
     choices = f.metadata.get("choices")
-    text = f.metadata["help"] + (f"; one of {', '.join(choices)}" if choices else "")
+    text = f.metadata["help"] + (f"; one of {choice_text(choices)}" if choices else "")
     text += f" (default: {_default_text(f.default)})"
     if kind is bool:
       ft.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
                       default=argparse.SUPPRESS, help=text)
       continue
-    parse = {int: int, float: float}.get(kind, str)
-    if f.name == "rho":
-      parse = float
+    optional = [a for a in typing.get_args(kind) if a is not type(None)]
+    parse = {int: int, float: float}.get(optional[0] if len(optional) == 1 else kind, str)
     ft.add_argument(flag(f.name), type=parse, default=argparse.SUPPRESS, help=text,
                     metavar=f.name.upper())  # choices are checked by the config, in one line
   ft.add_argument("--compare", default=None, metavar="M1,M2,...",

@@ -1,4 +1,4 @@
-"""Tests of mgpo_jax.checkpoint: exact resume, atomic saves under SIGKILL, keep/save-every, errors."""
+"""Tests of mgpo_jax.train.checkpoint: exact resume, atomic saves under SIGKILL, keep/save-every, errors."""
 
 import doctest
 import inspect
@@ -18,8 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
-import mgpo_jax.checkpoint
-from mgpo_jax.checkpoint import CheckpointError, Checkpointer
+import mgpo_jax.train.checkpoint
+from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
 
 
 def _assert_trees_identical(actual, expected):
@@ -53,7 +53,7 @@ def _adamw_multisteps():
 
 
 def _mgpo_adamw():
-  from mgpo_jax.transform import mgpo_adamw
+  from mgpo_jax.optim import mgpo_adamw
   return mgpo_adamw(optax.linear_schedule(3e-2, 1e-3, 2 * _STEPS), rho=0.05)
 
 
@@ -207,7 +207,7 @@ _CHILD = """
 import pathlib, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import orbax.checkpoint as ocp
-from mgpo_jax.checkpoint import Checkpointer
+from mgpo_jax.train.checkpoint import Checkpointer
 {state_fn}
 directory = pathlib.Path(sys.argv[1])
 ckpt = Checkpointer(directory / "ckpt")
@@ -378,4 +378,4 @@ def test_bad_arguments(tmp_path):
 
 
 def test_docstring_examples():
-  assert doctest.testmod(mgpo_jax.checkpoint, optionflags=doctest.ELLIPSIS).failed == 0
+  assert doctest.testmod(mgpo_jax.train.checkpoint, optionflags=doctest.ELLIPSIS).failed == 0

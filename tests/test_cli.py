@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mgpo_jax import cli, finetune
-from mgpo_jax.finetune_config import FinetuneConfig
+from mgpo_jax import cli
+from mgpo_jax.finetune import job
+from mgpo_jax.finetune.config import FinetuneConfig
 
 TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=2, alpha=4.0)
 
@@ -18,7 +19,7 @@ TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=
 @pytest.fixture(scope="module")
 def small_data():
   """A few real, tokenised Rotten Tomatoes examples per split (fast runs)."""
-  data = finetune.load_data(TINY["seq_len"])
+  data = job.load_data(TINY["seq_len"])
   rng = np.random.default_rng(0)
   sizes = {"train": 48, "validation": 20, "test": 20}
   out = {}
@@ -52,7 +53,7 @@ def test_cli_end_to_end(tmp_path):
   assert "test accuracy" in result.stdout
   config = json.loads((run_dir / "config.json").read_text())
   assert config["optimizer"] == "mgpo" and config["rank"] == 2 and config["steps"] == 4
-  records = finetune.read_metrics(run_dir / "metrics.jsonl")
+  records = job.read_metrics(run_dir / "metrics.jsonl")
   assert [r["step"] for r in records if "loss" in r] == [2, 4]  # at checkpoints and the end
   assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4]
   summary = json.loads((run_dir / "summary.json").read_text())
@@ -68,7 +69,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def _interrupt_after(monkeypatch, calls):
-  real = finetune.Trainer.train_step
+  real = job.Trainer.train_step
   count = {"n": 0}
 
   def step(self, state, batch):
@@ -77,25 +78,25 @@ def _interrupt_after(monkeypatch, calls):
       raise KeyboardInterrupt
     return real(self, state, batch)
 
-  monkeypatch.setattr(finetune.Trainer, "train_step", step)
+  monkeypatch.setattr(job.Trainer, "train_step", step)
 
 
 def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
   config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "full"))
-  full = finetune.run(config, progress=False, data=small_data)
+  full = job.run(config, progress=False, data=small_data)
 
   interrupted = config.replace(run_dir=str(tmp_path / "resumed"))
   with monkeypatch.context() as m:
     _interrupt_after(m, 4)  # dies after step 4; the last checkpoint is step 3
     with pytest.raises(KeyboardInterrupt):
-      finetune.run(interrupted, progress=False, data=small_data)
-  with pytest.raises(finetune.UserError, match=r"--steps 999 \(saved: 6\)"):
-    finetune.run(interrupted.replace(steps=999), resume=True, progress=False, data=small_data)
-  resumed = finetune.run(interrupted, resume=True, progress=False, data=small_data)
+      job.run(interrupted, progress=False, data=small_data)
+  with pytest.raises(job.UserError, match=r"--steps 999 \(saved: 6\)"):
+    job.run(interrupted.replace(steps=999), resume=True, progress=False, data=small_data)
+  resumed = job.run(interrupted, resume=True, progress=False, data=small_data)
 
   assert resumed == full
-  assert (finetune.read_metrics(tmp_path / "full" / "metrics.jsonl")
-          == finetune.read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
+  assert (job.read_metrics(tmp_path / "full" / "metrics.jsonl")
+          == job.read_metrics(tmp_path / "resumed" / "metrics.jsonl"))
   a = load_file(tmp_path / "full" / "adapters" / "adapter_model.safetensors")
   b = load_file(tmp_path / "resumed" / "adapters" / "adapter_model.safetensors")
   assert a.keys() == b.keys()
@@ -104,9 +105,9 @@ def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
 
 
 def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
-  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
   config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2}, run_dir=str(tmp_path))
-  summaries = finetune.run_compare(config, ("adamw", "mgpo"), progress=False)
+  summaries = job.run_compare(config, ("adamw", "mgpo"), progress=False)
   assert set(summaries) == {"adamw", "mgpo"}
   assert (tmp_path / "compare.png").exists()
   assert json.loads((tmp_path / "summary.json").read_text()) == summaries
@@ -126,7 +127,7 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
     (["--lr=-1e-3"], ["--lr"]),
     (["--rank", "0"], ["--rank", "positive integer"]),
     (["--batch-size", "6", "--devices", "4"], ["--batch-size", "--devices"]),
-    (["--sign", "2"], ["--sign", "+1 or -1"]),
+    (["--sign", "2"], ["--sign", "+1, -1"]),
     (["--compare", "adamw,foo"], ["--compare", "foo"]),
 ])
 def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
@@ -139,7 +140,7 @@ def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
 
 
 def test_unknown_target_module(tmp_path, capsys, small_data, monkeypatch):
-  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
   code = cli.main(["finetune", "--target-modules", "qkv", "--run-dir", str(tmp_path / "r"),
                    "--no-progress"])
   err = capsys.readouterr().err.strip()
@@ -152,19 +153,19 @@ def test_run_directory_is_protected(tmp_path, small_data):
   run_dir.mkdir()
   (run_dir / "notes.txt").write_text("mine")
   config = FinetuneConfig(**TINY, run_dir=str(run_dir))
-  with pytest.raises(finetune.UserError, match="not empty"):
-    finetune.run(config, progress=False, data=small_data)
-  with pytest.raises(finetune.UserError, match=r"1 entry mgpo-jax did not write \(notes.txt\)"):
-    finetune.run(config, overwrite=True, progress=False, data=small_data)
-  with pytest.raises(finetune.UserError, match="not an mgpo-jax run directory"):
-    finetune.run(config, resume=True, progress=False, data=small_data)
+  with pytest.raises(job.UserError, match="not empty"):
+    job.run(config, progress=False, data=small_data)
+  with pytest.raises(job.UserError, match=r"1 entry mgpo-jax did not write \(notes.txt\)"):
+    job.run(config, overwrite=True, progress=False, data=small_data)
+  with pytest.raises(job.UserError, match="not an mgpo-jax run directory"):
+    job.run(config, resume=True, progress=False, data=small_data)
   assert (run_dir / "notes.txt").read_text() == "mine"
   assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_data, capsys, monkeypatch):
   config = FinetuneConfig(**{**TINY, "steps": 3}, run_dir=str(tmp_path / "run"))
-  finetune.run(config, progress=False, data=small_data)
+  job.run(config, progress=False, data=small_data)
   state_dir = tmp_path / "run" / "checkpoints" / "3" / "state"
   victims = [p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 0
              and "ocdbt" not in p.name]
@@ -174,7 +175,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_data, capsys, monke
   target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
   before[target] = target.read_bytes()
 
-  monkeypatch.setattr(finetune, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
   code = cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--no-progress"])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1, err

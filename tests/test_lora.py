@@ -254,7 +254,7 @@ def _batch():
 
 def _mgpo_or_adamw(lr):
   try:
-    from mgpo_jax.transform import mgpo_adamw
+    from mgpo_jax.optim import mgpo_adamw
   except ImportError:
     return optax.adamw(lr)
   return mgpo_adamw(lr)

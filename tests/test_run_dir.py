@@ -12,9 +12,10 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
 
 from benchmarks import _common  # noqa: E402
-from mgpo_jax import cli, finetune, run_dir  # noqa: E402
-from mgpo_jax.checkpoint import Checkpointer  # noqa: E402
-from mgpo_jax.finetune_config import FinetuneConfig  # noqa: E402
+from mgpo_jax import cli  # noqa: E402
+from mgpo_jax.finetune import job, run_dir  # noqa: E402
+from mgpo_jax.train.checkpoint import Checkpointer  # noqa: E402
+from mgpo_jax.finetune.config import FinetuneConfig  # noqa: E402
 
 TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=2, alpha=4.0)
 
@@ -25,7 +26,7 @@ def data():
 
 
 def _run(config, data, **kwargs):
-  return finetune.run(config, progress=False, data=data, base_model=_common.tiny_base_model,
+  return job.run(config, progress=False, data=data, base_model=_common.tiny_base_model,
                       **kwargs)
 
 
@@ -87,12 +88,12 @@ def test_run_dir_that_is_a_file_or_cannot_be_created(tmp_path, capsys):
 
 
 def test_a_failed_start_writes_nothing(tmp_path, capsys, data, monkeypatch):
-  monkeypatch.setattr(finetune, "load_data", lambda seq_len: data)
+  monkeypatch.setattr(job, "load_data", lambda seq_len: data)
   assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), "--batch-size", "100000",
                    "--no-progress"]) == 2
   _one_line_error(capsys, "--batch-size 100000", "training split")
   assert not (tmp_path / "r").exists()
-  with pytest.raises(finetune.UserError, match="max_position_embeddings"):  # tiny BERT: 64
+  with pytest.raises(job.UserError, match="max_position_embeddings"):  # tiny BERT: 64
     _run(FinetuneConfig(**{**TINY, "seq_len": 65}, run_dir=str(tmp_path / "r")),
          _common.random_data({"train": 8, "validation": 8, "test": 8}, 65))
   assert not (tmp_path / "r").exists()
@@ -107,11 +108,11 @@ def test_overwrite_removes_only_the_runs_entries(tmp_path, data):
   assert made == [".mgpo-jax-run.json", "adapters", "checkpoints", "config.json", "curves.png",
                   "metrics.jsonl", "summary.json"]
   (tmp_path / "run" / "adapters" / "README.md").write_text("my notes")
-  with pytest.raises(finetune.UserError, match=r"adapters/README.md"):
+  with pytest.raises(job.UserError, match=r"adapters/README.md"):
     _run(config, data, overwrite=True)
   (tmp_path / "run" / "adapters" / "README.md").unlink()
   (tmp_path / "run" / "extra.txt").write_text("mine")
-  with pytest.raises(finetune.UserError, match=r"1 entry mgpo-jax did not write \(extra.txt\)"):
+  with pytest.raises(job.UserError, match=r"1 entry mgpo-jax did not write \(extra.txt\)"):
     _run(config, data, overwrite=True)
   assert (tmp_path / "run" / "extra.txt").read_text() == "mine"
   (tmp_path / "run" / "extra.txt").unlink()
@@ -158,7 +159,7 @@ def test_resume_after_a_kill_during_the_first_save(tmp_path, data, monkeypatch):
     m.setattr(Checkpointer, "save", dies_in_first_save)
     with pytest.raises(KeyboardInterrupt):
       _run(killed, data)
-  assert finetune.read_metrics(tmp_path / "killed" / "metrics.jsonl")  # step-1 records exist
+  assert job.read_metrics(tmp_path / "killed" / "metrics.jsonl")  # step-1 records exist
   assert not any((tmp_path / "killed" / "checkpoints").iterdir())
   _run(killed, data, resume=True)
   for name in ("metrics.jsonl", "summary.json", "adapters/adapter_model.safetensors"):
@@ -170,7 +171,7 @@ def test_resume_refuses_changed_flags(tmp_path, data, capsys, monkeypatch):
   config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "run"))
   _run(config, data)
   before = _tree(tmp_path / "run")
-  monkeypatch.setattr(finetune, "load_data", lambda seq_len: data)
+  monkeypatch.setattr(job, "load_data", lambda seq_len: data)
   assert cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--steps", "40",
                    "--lr", "0.5"]) == 2
   _one_line_error(capsys, "--steps 40 (saved: 6)", "--lr 0.5 (saved: 0.001)")
@@ -193,7 +194,7 @@ def test_non_finite_loss(tmp_path, data, policy):
   config = FinetuneConfig(**{**TINY, "lr": 1e30, "steps": 12, "save_every": 2, "eval_every": 12},
                           nonfinite=policy, run_dir=str(tmp_path / "run"))
   if policy == "stop":
-    with pytest.raises(finetune.UserError, match="non-finite by step .* last checkpoint"):
+    with pytest.raises(job.UserError, match="non-finite by step .* last checkpoint"):
       _run(config, data)
     with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
       last = ckpt.latest_step()

@@ -1,4 +1,4 @@
-"""Tests of mgpo_jax.transform against an independent float64 numpy reference (ALGORITHMS.md 1)."""
+"""Tests of mgpo_jax.optim.mgpo against an independent float64 numpy reference (the update in docs/mgpo.md)."""
 
 import doctest
 import pathlib
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import mgpo_jax.transform
+import mgpo_jax.optim.mgpo
 from mgpo_jax import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -551,5 +551,5 @@ def test_docs_training_loop_runs():
 
 
 def test_docstring_examples():
-  result = doctest.testmod(mgpo_jax.transform, optionflags=doctest.ELLIPSIS)
+  result = doctest.testmod(mgpo_jax.optim.mgpo, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0

@@ -13,12 +13,24 @@ import math
 import re
 from typing import Any
 
-OPTIMIZERS = ("adamw", "mgpo", "sam")
+from mgpo_jax.methods import METHODS
+
+OPTIMIZERS = tuple(METHODS)
 _MAX_SEED = 2**32 - 1  # jax.random.key takes a uint32 seed
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
   return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def _method_field(name: str) -> Any:
+  """A method hyper-parameter: unset (``None``) means each method's registry default."""
+  users = {m: h for m, method in METHODS.items() for k, h in method.hyper.items() if k == name}
+  first = next(iter(users.values()))
+  defaults = ", ".join(f"{m} {h.default:g}" if isinstance(h.default, float) else
+                       f"{m} {h.default}" for m, h in users.items())
+  return _field(None, f"{first.help}; unset: the method's default ({defaults})",
+                choices=first.choices, method_default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +56,9 @@ class FinetuneConfig:
   lr: float = _field(1e-3, "peak learning rate (linear warm-up, then cosine decay to 0)")
   weight_decay: float = _field(0.0, "AdamW weight decay")
   warmup_fraction: float = _field(0.03, "fraction of --steps spent in linear warm-up, in [0, 1)")
-  rho: float | None = _field(None, "perturbation radius; unset: the method's default "
-                                   "(mgpo 0.05, sam 0.003)")
-  sign: float = _field(1.0, "MGPO sign: +1 (paper) or -1 (released code)")
+  rho: float | None = _method_field("rho")
+  sign: float | None = _method_field("sign")
+  rho_schedule: str | None = _method_field("rho_schedule")
   batch_size: int = _field(16, "examples per optimizer step (over all devices)")
   accum_steps: int = _field(1, "micro-batches per step (gradient accumulation); divides "
                                "--batch-size")
@@ -71,8 +83,9 @@ class FinetuneConfig:
     """Raises ``ValueError`` naming the first bad field and the values it accepts."""
     for f in dataclasses.fields(self):
       choices = f.metadata.get("choices")
-      if choices and getattr(self, f.name) not in choices:
-        raise ValueError(f"{flag(f.name)} must be one of {', '.join(choices)}; "
+      unset_ok = f.metadata.get("method_default") and getattr(self, f.name) is None
+      if choices and not unset_ok and getattr(self, f.name) not in choices:
+        raise ValueError(f"{flag(f.name)} must be one of {choice_text(choices)}; "
                          f"got {getattr(self, f.name)!r}")
     for name in ("rank", "batch_size", "accum_steps", "seq_len", "steps", "eval_every",
                  "save_every", "keep", "devices"):
@@ -84,8 +97,6 @@ class FinetuneConfig:
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
     if self.rho is not None and not (math.isfinite(self.rho) and self.rho >= 0):
       raise ValueError(f"--rho must be a finite number >= 0; got {self.rho}")
-    if self.sign not in (-1.0, 1.0):
-      raise ValueError(f"--sign must be +1 or -1; got {self.sign}")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
     if not 0 <= self.lora_dropout < 1:
@@ -160,6 +171,10 @@ def parse_targets(value: Any) -> Any:
   if isinstance(value, str) and value != "all-linear" and not value.startswith("re:"):
     return tuple(t.strip() for t in value.split(",") if t.strip())
   return value
+
+
+def choice_text(choices: tuple[Any, ...]) -> str:
+  return ", ".join(f"{c:+g}" if isinstance(c, float) else str(c) for c in choices)
 
 
 def flag(field_name: str) -> str:

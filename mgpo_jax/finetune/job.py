@@ -32,18 +32,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mgpo_jax import run_dir as run_dir_lib
-from mgpo_jax.checkpoint import CheckpointError, Checkpointer
 from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
-from mgpo_jax.finetune_config import FinetuneConfig
-from mgpo_jax.lora import LoraConfig, apply_lora
+from mgpo_jax.finetune import run_dir as run_dir_lib
+from mgpo_jax.finetune.config import FinetuneConfig
+from mgpo_jax.lora import LoraConfig, apply_lora, save_adapters
+from mgpo_jax.methods import METHODS
 from mgpo_jax.models import BertForSequenceClassification
-from mgpo_jax.lora import save_adapters
 from mgpo_jax.train import Trainer, TrainState, clean_params, make_mesh
-from mgpo_jax.transform import mgpo
+from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
 
-DEFAULT_RHO = {"mgpo": 0.05, "sam": 0.003}  # MGPO paper (NLU); Flat-LoRA's best SAM rho on A, B
 LOG_EVERY = 10
 EVAL_BATCH_SIZE = 128
 _SPLIT_SEED = 0  # the data split is fixed, whatever the training seed
@@ -55,19 +53,16 @@ class UserError(Exception):
 
 
 def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
-  """AdamW with 3% linear warm-up and cosine decay, wrapped by MGPO or SAM as configured."""
+  """The method ``config.optimizer`` from the registry (:mod:`mgpo_jax.methods`), around
+  AdamW with linear warm-up and cosine decay; unset hyper-parameters take the method's
+  defaults."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, warmup_steps=max(1, round(config.warmup_fraction * config.steps)),
       decay_steps=config.steps)
   adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
-  rho = DEFAULT_RHO.get(config.optimizer) if config.rho is None else config.rho
-  if config.optimizer == "mgpo":
-    tx = mgpo(adamw, rho=rho, sign=config.sign)
-  elif config.optimizer == "sam":
-    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-    tx = optax.contrib.sam(adamw, adversary, sync_period=2, opaque_mode=True)
-  else:
-    tx = adamw
+  method = METHODS[config.optimizer]
+  hyper = method.resolve({k: getattr(config, k) for k in method.hyper})
+  tx = method.optimizer(adamw, schedule=schedule, lr=config.lr, **hyper)
   if config.nonfinite == "skip":  # a step whose update is not finite leaves params and state
     tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
   return tx

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mgpo_jax.transform import MGPOState, mgpo_eval_params
+from mgpo_jax.optim import MGPOState, mgpo_eval_params
 
 DATA_AXIS = "data"
 
@@ -101,7 +101,7 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
 
 def clean_params(state: TrainState) -> dict[str, Any]:
   """The params to evaluate and export: ``mgpo_eval_params`` (θ = p − ε) when the optimizer
-  state holds an :class:`~mgpo_jax.transform.MGPOState`, else ``state.params``."""
+  state holds an :class:`~mgpo_jax.optim.mgpo.MGPOState`, else ``state.params``."""
   is_mgpo = lambda x: isinstance(x, MGPOState)  # noqa: E731
   if any(map(is_mgpo, jax.tree.leaves(state.opt_state, is_leaf=is_mgpo))):
     return mgpo_eval_params(state.opt_state, state.params)

@@ -1,0 +1,23 @@
+"""Training: the jitted, data-parallel train step and exact, atomic checkpoints.
+
+``trainer``     :class:`Trainer` (split-once NNX train / eval steps), :class:`TrainState`
+``checkpoint``  :class:`Checkpointer` on orbax (imported on first use)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mgpo_jax.train.trainer import (DATA_AXIS, TrainState, Trainer, classification_loss,
+                                    clean_params, make_mesh)
+
+__all__ = ["DATA_AXIS", "CheckpointError", "Checkpointer", "TrainState", "Trainer",
+           "classification_loss", "clean_params", "make_mesh"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in ("Checkpointer", "CheckpointError"):  # orbax only when checkpoints are used
+    from mgpo_jax.train import checkpoint
+
+    return getattr(checkpoint, name)
+  raise AttributeError(f"module 'mgpo_jax.train' has no attribute {name!r}")
