@@ -120,7 +120,7 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
     (["--seed", "100000000000000000000"], ["--seed", "4294967295"]),
     (["--seed", "-1"], ["--seed", "[0, 4294967295]"]),
     (["--seed", "x"], ["--seed", "invalid int"]),
-    (["--pooling", "max"], ["--pooling", "mean, cls"]),
+    (["--pooling", "max"], ["--pooling", "cls, mean"]),
     (["--run-dir", ""], ["--run-dir"]),
     (["--target-modules", "re:("], ["--target-modules", "regex"]),
     (["--lr", "0"], ["--lr", "> 0"]),
@@ -182,3 +182,38 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_data, capsys, monke
   assert "checkpoint step 3" in err
   after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
   assert after == before  # nothing overwritten or lost
+
+
+def test_job_adapters_load_in_peft_with_the_jobs_logits(tmp_path, small_data):
+  """The exported adapters, loaded with PEFT onto the recorded base model as docs/training.md
+  shows, give the job's own logits (the clean params of the final checkpoint) to 1e-4."""
+  import jax.numpy as jnp
+  import torch
+  from flax import nnx
+  from peft import PeftModel
+  from transformers import AutoModelForSequenceClassification
+
+  from mgpo_jax.train import Checkpointer, Trainer, clean_params
+
+  config = FinetuneConfig(**{**TINY, "steps": 3, "lr": 1e-2}, run_dir=str(tmp_path / "run"))
+  job.run(config, progress=False, data=small_data)
+  model, _ = job.build_model(config)
+  trainer = Trainer(model, job.build_optimizer(config))
+  with Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+    state, _ = ckpt.restore(trainer.abstract_state())
+  nnx.update(model, clean_params(state))
+  model.eval()
+  batch = {k: v[:8] for k, v in small_data["test"].items() if k != "labels"}
+  ours = np.asarray(model(jnp.asarray(batch["input_ids"]),
+                          attention_mask=jnp.asarray(batch["attention_mask"]),
+                          token_type_ids=jnp.asarray(batch["token_type_ids"])))
+
+  meta = json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
+  base = AutoModelForSequenceClassification.from_pretrained(meta["base_model_name_or_path"],
+                                                            num_labels=2)
+  peft_model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapters")).eval()
+  with torch.no_grad():
+    theirs = peft_model(**{k: torch.from_numpy(np.asarray(v, np.int64))
+                           for k, v in batch.items()}).logits.numpy()
+  assert np.abs(ours).max() > 0.01
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)

@@ -68,9 +68,9 @@ def test_kill_points_cover_the_run():
   assert all(lo <= k < lo + 25 for k, lo in zip(_kill_points(100, 4, 0), (1, 26, 51, 76)))
 
 
-@pytest.mark.parametrize("slice_index", range(2))
+@pytest.mark.parametrize("slice_index", range(3))
 def test_resume_after_sigkill_is_bit_identical(reference, slice_index):
-  kill_at = _kill_points(reference[1], 2, seed=0)[slice_index]
+  kill_at = _kill_points(reference[1], 3, seed=0)[slice_index]
   _kill_and_resume(reference, kill_at)
 
 

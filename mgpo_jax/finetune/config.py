@@ -72,8 +72,12 @@ class FinetuneConfig:
   compute_dtype: str = _field("float32", "forward/backward dtype; adapters, gradients and "
                                          "optimizer state stay float32",
                               choices=("float32", "bfloat16"))
-  pooling: str = _field("mean", "sentence embedding for the classifier head",
-                        choices=("mean", "cls"))
+  pooling: str = _field("cls", "sentence embedding for the classifier head: cls is HF's "
+                               "pooler (tanh dense on [CLS]), as transformers' "
+                               "BertForSequenceClassification, so the exported adapters give "
+                               "the job's logits in PyTorch/PEFT; mean averages the token "
+                               "states (sentence-transformers' pooling), which HF's class does "
+                               "not do", choices=("cls", "mean"))
   nonfinite: str = _field("stop", "on a non-finite training loss: stop (the last checkpoint "
                                   "stays intact) or skip the step's update",
                           choices=("stop", "skip"))

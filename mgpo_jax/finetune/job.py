@@ -176,7 +176,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
       run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
     state, val = train(config, trainer, state, data, run_dir, progress=progress)
-    return export(config, trainer, state, model, lora, data, run_dir, val)
+    return export(config, trainer, state, model, lora, data, run_dir, val,
+                  base_model_name_or_path=None if base_model else minilm_path())
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
@@ -306,16 +307,18 @@ def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dic
 
 
 def export(config: FinetuneConfig, trainer: Trainer, state: TrainState, model: nnx.Module,
-           lora: LoraConfig, data: dict, run_dir: pathlib.Path,
-           val: dict | None = None) -> dict[str, Any]:
-  """Test metrics, PEFT adapters of the clean params, the curves and ``summary.json``."""
+           lora: LoraConfig, data: dict, run_dir: pathlib.Path, val: dict | None = None, *,
+           base_model_name_or_path: str | None = None) -> dict[str, Any]:
+  """Test metrics, PEFT adapters of the clean params (recording the base model's local
+  path), the curves and ``summary.json``."""
   test = evaluate(trainer, state, data["test"])
   val = val or evaluate(trainer, state, data["validation"])
   with open(run_dir / "metrics.jsonl", "a") as log:
     _write(log, {"step": config.steps, "test_loss": test["loss"],
                  "test_accuracy": test["accuracy"]})
   nnx.update(model, clean_params(state))  # the clean θ into the (unchanged) model object
-  save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS")
+  save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS",
+                base_model_name_or_path=base_model_name_or_path)
   plot_curves({config.optimizer: read_metrics(run_dir / "metrics.jsonl")},
               run_dir / "curves.png", title=f"{config.optimizer}, LoRA r={config.rank}")
   labels = data["test"]["labels"]
