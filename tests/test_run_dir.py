@@ -234,3 +234,18 @@ def test_config_file_with_flags_overriding(tmp_path):
   args = cli._parser().parse_args(["finetune", "--config", str(tmp_path / "bad.json")])
   with pytest.raises(ValueError, match="unknown field.*rnak"):
     cli._config(args)
+
+
+def test_dotted_target_names_follow_peft(data):
+  """`--target-modules attention.self.query` is a PEFT name (suffix at a dot), not a regex."""
+  from mgpo_jax.lora import lora_modules
+
+  args = cli._parser().parse_args(["finetune", "--target-modules", "attention.self.query"])
+  config = cli._config(args)
+  assert config.target_modules == ("attention.self.query",)
+  model, _ = job.build_model(config, _common.tiny_base_model(config))
+  paths = sorted(lora_modules(model))
+  assert len(paths) == 2 and all(p.endswith("attention.self.query") for p in paths), paths
+  args = cli._parser().parse_args(["finetune", "--target-modules", r"re:.*\.layer\.1\..*"])
+  model, _ = job.build_model(cli._config(args), _common.tiny_base_model(config))
+  assert lora_modules(model) and all(".layer.1." in p for p in lora_modules(model))
