@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.quick:
     data = _common.random_data({"train": 256, "validation": 16, "test": 16}, args.seq_len)
   else:
-    data = finetune.load_data(args.seq_len)
+    data = finetune.load_data(FinetuneConfig(seq_len=args.seq_len))
     # Only the training loss is studied: small held-out splits keep the end-of-run evals cheap.
     data = {"train": data["train"], **{k: {n: a[:128] for n, a in data[k].items()}
                                        for k in ("validation", "test")}}

@@ -60,12 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _data(args: argparse.Namespace) -> dict[str, dict]:
-  from mgpo_jax.finetune import load_data
+  from mgpo_jax.finetune import FinetuneConfig, load_data
 
   if args.quick:
     data = _common.random_data({"train": 256, "validation": 64, "test": 64}, args.seq_len)
   else:
-    data = load_data(args.seq_len)
+    data = load_data(FinetuneConfig(seq_len=args.seq_len))
   data["validation"] = {k: v[:args.val_examples] for k, v in data["validation"].items()}
   return data
 

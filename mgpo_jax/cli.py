@@ -63,7 +63,38 @@ def _parser() -> argparse.ArgumentParser:
   group.add_argument("--overwrite", action="store_true",
                      help="replace the previous mgpo-jax run in --run-dir (only files it wrote)")
   ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  pr = sub.add_parser("predict", help="label new texts with a finished fine-tune run",
+                      description="Labels texts with a finished run (its saved config, labels "
+                                  "and adapters); prints one JSON object per text.")
+  pr.add_argument("--run-dir", required=True, help="the run directory of `mgpo-jax finetune`")
+  source = pr.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", action="append", help="a text to label (repeatable)")
+  source.add_argument("--input-file", help="a .txt file (one text per line) or a CSV, JSONL "
+                                           "or Parquet file with the run's --text-column")
+  pr.add_argument("--output", help="write the JSONL here instead of printing it")
   return parser
+
+
+def _predict(args: argparse.Namespace) -> int:
+  from mgpo_jax.finetune import predict
+
+  try:
+    texts = args.text
+    if args.input_file:
+      saved = pathlib.Path(args.run_dir) / "config.json"
+      text_column = (FinetuneConfig.from_json(saved.read_text()).text_column
+                     if saved.is_file() else FinetuneConfig().text_column)
+      texts = predict.read_texts(args.input_file, text_column)
+    lines = [json.dumps(r) for r in predict.predict(args.run_dir, texts)]
+    if args.output:
+      pathlib.Path(args.output).write_text("".join(line + "\n" for line in lines))
+    else:
+      print("\n".join(lines))
+  except (ValueError, OSError) as err:
+    print(f"mgpo-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def _default_text(value: Any) -> str:
@@ -114,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
   except SystemExit as done:  # --help (0) or a flag argparse rejects (2, one line printed)
     return int(done.code or 0)
+  if args.command == "predict":
+    return _predict(args)
   try:
     config = _config(args)
     config.validate()

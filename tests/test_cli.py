@@ -19,14 +19,14 @@ TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=
 @pytest.fixture(scope="module")
 def small_data():
   """A few real, tokenised Rotten Tomatoes examples per split (fast runs)."""
-  data = job.load_data(TINY["seq_len"])
+  data = job.load_data(FinetuneConfig(seq_len=TINY["seq_len"]))
   rng = np.random.default_rng(0)
   sizes = {"train": 48, "validation": 20, "test": 20}
   out = {}
   for name, n in sizes.items():
     idx = rng.choice(len(data[name]["labels"]), n, replace=False)
     out[name] = {k: v[idx] for k, v in data[name].items()}
-  return out
+  return {**out, "label_names": data["label_names"]}
 
 
 def _run_cli(args, cwd):
@@ -105,7 +105,7 @@ def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
 
 
 def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
-  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda config: small_data)
   config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2}, run_dir=str(tmp_path))
   summaries = job.run_compare(config, ("adamw", "mgpo"), progress=False)
   assert set(summaries) == {"adamw", "mgpo"}
@@ -140,7 +140,7 @@ def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
 
 
 def test_unknown_target_module(tmp_path, capsys, small_data, monkeypatch):
-  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda config: small_data)
   code = cli.main(["finetune", "--target-modules", "qkv", "--run-dir", str(tmp_path / "r"),
                    "--no-progress"])
   err = capsys.readouterr().err.strip()
@@ -175,7 +175,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, small_data, capsys, monke
   target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
   before[target] = target.read_bytes()
 
-  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
+  monkeypatch.setattr(job, "load_data", lambda config: small_data)
   code = cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--no-progress"])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1, err

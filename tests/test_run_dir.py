@@ -88,7 +88,7 @@ def test_run_dir_that_is_a_file_or_cannot_be_created(tmp_path, capsys):
 
 
 def test_a_failed_start_writes_nothing(tmp_path, capsys, data, monkeypatch):
-  monkeypatch.setattr(job, "load_data", lambda seq_len: data)
+  monkeypatch.setattr(job, "load_data", lambda config: data)
   assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), "--batch-size", "100000",
                    "--no-progress"]) == 2
   _one_line_error(capsys, "--batch-size 100000", "training split")
@@ -106,6 +106,7 @@ def test_overwrite_removes_only_the_runs_entries(tmp_path, data):
   _run(config, data)
   made = sorted(p.name for p in (tmp_path / "run").iterdir())
   assert made == [".mgpo-jax-run.json", "adapters", "checkpoints", "config.json", "curves.png",
+                  "labels.json",
                   "metrics.jsonl", "summary.json"]
   (tmp_path / "run" / "adapters" / "README.md").write_text("my notes")
   with pytest.raises(job.UserError, match=r"adapters/README.md"):
@@ -171,7 +172,7 @@ def test_resume_refuses_changed_flags(tmp_path, data, capsys, monkeypatch):
   config = FinetuneConfig(**TINY, run_dir=str(tmp_path / "run"))
   _run(config, data)
   before = _tree(tmp_path / "run")
-  monkeypatch.setattr(job, "load_data", lambda seq_len: data)
+  monkeypatch.setattr(job, "load_data", lambda config: data)
   assert cli.main(["finetune", "--resume", "--run-dir", str(tmp_path / "run"), "--steps", "40",
                    "--lr", "0.5"]) == 2
   _one_line_error(capsys, "--steps 40 (saved: 6)", "--lr 0.5 (saved: 0.001)")

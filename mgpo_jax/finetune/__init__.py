@@ -16,8 +16,9 @@ from typing import Any
 
 from mgpo_jax.finetune.config import FinetuneConfig
 
-_JOB = ("UserError", "build_model", "build_optimizer", "evaluate", "export", "load_data",
-        "plot_curves", "read_metrics", "run", "run_compare", "summary_table", "train")
+_JOB = ("LOG_EVERY", "UserError", "build_model", "build_optimizer", "evaluate", "export", "label_names",
+        "load_data", "model_path", "plot_curves", "read_metrics", "run", "run_compare",
+        "summary_table", "train")
 __all__ = ["FinetuneConfig", *_JOB]
 
 

@@ -42,6 +42,18 @@ class FinetuneConfig:
   optimizers with 3% linear warmup and cosine decay (the papers' schedule).
   """
 
+  model: str | None = _field(None, "a local Hugging Face checkpoint folder (BERT family); "
+                                   "unset: the embedded all-MiniLM-L6-v2")
+  train_file: str | None = _field(None, "training data: a CSV, TSV, JSONL or Parquet file; "
+                                        "unset: the embedded Rotten Tomatoes")
+  validation_file: str | None = _field(None, "validation data (same format); unset: "
+                                             "--validation-fraction of --train-file")
+  test_file: str | None = _field(None, "test data (same format); unset: no test evaluation")
+  text_column: str = _field("text", "the text column, or two comma-separated for sentence "
+                                    "pairs (e.g. sentence1,sentence2)")
+  label_column: str = _field("label", "the label column (strings or integers)")
+  validation_fraction: float = _field(0.1, "fraction of --train-file held out for "
+                                           "validation when no --validation-file is given")
   optimizer: str = _field("mgpo", "the method", choices=OPTIMIZERS)
   rank: int = _field(8, "LoRA rank r")
   alpha: float = _field(16.0, "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rsLoRA)")
@@ -122,6 +134,12 @@ class FinetuneConfig:
         re.compile(targets[3:])
       except re.error as err:
         raise ValueError(f"--target-modules {targets!r} is not a valid regex ({err})") from err
+    if not 0 < self.validation_fraction < 1:
+      raise ValueError(f"--validation-fraction must be in (0, 1); got {self.validation_fraction}")
+    if (self.validation_file or self.test_file) and not self.train_file:
+      raise ValueError("--validation-file and --test-file need --train-file")
+    if not self.text_column.strip() or not self.label_column.strip():
+      raise ValueError("--text-column and --label-column must name columns")
     if not self.run_dir.strip():
       raise ValueError("--run-dir must name a directory; got ''")
 

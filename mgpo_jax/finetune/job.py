@@ -34,6 +34,7 @@ from flax import nnx
 
 from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
+from mgpo_jax.data_files import load_classification_files
 from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.lora import LoraConfig, apply_lora, save_adapters
@@ -43,6 +44,7 @@ from mgpo_jax.train import Trainer, TrainState, clean_params, make_mesh
 from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
 
 LOG_EVERY = 10
+SUPPORTED_MODEL_TYPES = ("bert",)  # the BERT family: BertForSequenceClassification
 EVAL_BATCH_SIZE = 128
 _SPLIT_SEED = 0  # the data split is fixed, whatever the training seed
 _NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite's max_consecutive_errors: always skip
@@ -68,13 +70,38 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   return tx
 
 
-def build_model(config: FinetuneConfig,
-                base: nnx.Module | None = None) -> tuple[nnx.Module, LoraConfig]:
-  """LoRA on ``config.target_modules`` of ``base`` (default: MiniLM with a fresh 2-way head,
-  pooling ``config.pooling``); the head is trained in full (PEFT's ``modules_to_save``)."""
-  model = base or BertForSequenceClassification.from_pretrained(
-      minilm_path(), num_labels=2, pooling=config.pooling,
-      rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+def model_path(config: FinetuneConfig) -> str:
+  """The local checkpoint folder of the base model: ``--model``, else the embedded MiniLM.
+  Checked without loading it: a local folder with a ``config.json`` (never a hub name)."""
+  if config.model is None:
+    return minilm_path()
+  folder = pathlib.Path(config.model)
+  if not (folder / "config.json").is_file():
+    raise ValueError(f"--model {config.model} is not a local Hugging Face checkpoint folder "
+                     "(no config.json there); nothing is fetched from a hub")
+  try:
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+  except ValueError as err:
+    raise ValueError(f"--model {config.model}: config.json is not valid JSON ({err})") from err
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"--model {config.model}: model_type {model_type!r} is not supported; "
+                     f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  return str(folder)
+
+
+def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
+                num_labels: int = 2) -> tuple[nnx.Module, LoraConfig]:
+  """LoRA on ``config.target_modules`` of ``base`` (default: the :func:`model_path`
+  checkpoint with a fresh ``num_labels``-way head, pooling ``config.pooling``); the head is
+  trained in full (PEFT's ``modules_to_save``)."""
+  if base is None:
+    try:
+      base = BertForSequenceClassification.from_pretrained(
+          model_path(config), num_labels=num_labels, pooling=config.pooling,
+          rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    except (FileNotFoundError, ValueError) as err:
+      raise ValueError(f"--model {model_path(config)}: {err}") from err
+  model = base
   positions = _max_positions(model)
   if positions is not None and config.seq_len > positions:
     raise ValueError(f"--seq-len {config.seq_len} is longer than the model's "
@@ -98,14 +125,33 @@ def _max_positions(model: nnx.Module) -> int | None:
   return None
 
 
-def load_data(seq_len: int) -> dict[str, dict[str, np.ndarray]]:
-  """Tokenised train / validation / test splits: ``{split: {input_ids, ..., labels}}``."""
+def load_data(config: FinetuneConfig) -> dict[str, Any]:
+  """Tokenised splits ``{split: {input_ids, ..., labels}}`` (train, validation, and test when
+  there is one) and ``"label_names"`` (``label_names[i]`` is the label of id ``i``).
+
+  The user's files when ``config.train_file`` is set, else the embedded Rotten Tomatoes;
+  tokenised with the base model's tokenizer to ``config.seq_len``.
+  """
   from transformers import AutoTokenizer
 
-  tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-  splits = load_rotten_tomatoes(seed=_SPLIT_SEED)
-  return {name: {**tokenize(s.texts, tokenizer, seq_len), "labels": s.labels}
-          for name, s in splits.items()}
+  if config.train_file:
+    splits, label_names = load_classification_files(
+        config.train_file, config.validation_file, config.test_file,
+        text_columns=[c.strip() for c in config.text_column.split(",")],
+        label_column=config.label_column, validation_fraction=config.validation_fraction,
+        seed=_SPLIT_SEED)
+  else:
+    splits, label_names = load_rotten_tomatoes(seed=_SPLIT_SEED), ["negative", "positive"]
+  tokenizer = AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
+  return {**{name: {**tokenize(s.texts, tokenizer, config.seq_len), "labels": s.labels}
+             for name, s in splits.items()}, "label_names": label_names}
+
+
+def label_names(data: dict[str, Any]) -> list[Any]:
+  """The label of each class id: ``data["label_names"]``, else ``0 .. max label``."""
+  if "label_names" in data:
+    return list(data["label_names"])
+  return list(range(int(max(np.max(data[s]["labels"]) for s in ("train", "validation"))) + 1))
 
 
 def evaluate(trainer: Trainer, state: TrainState, split: dict[str, np.ndarray],
@@ -158,11 +204,13 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       # Killed before its config was saved: nothing to continue; replace the partial start.
       resume, overwrite = False, True
     _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    data = data or load_data(config.seq_len)
+    model_path(config)  # a bad --model fails before the data is read
+    data = data or load_data(config)
     if config.batch_size > len(data["train"]["labels"]):
       raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                        f"({len(data['train']['labels'])} examples)")
-    model, lora = build_model(config, base_model(config) if base_model else None)
+    labels = label_names(data)
+    model, lora = build_model(config, base_model(config) if base_model else None, len(labels))
     mesh = make_mesh(config.devices) if config.devices > 1 else None
     trainer = Trainer(model, build_optimizer(config), mesh=mesh, accum_steps=config.accum_steps,
                       compute_dtype=None if config.compute_dtype == "float32" else
@@ -175,9 +223,10 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
         run_dir_lib.clear(run_dir, "run")
       run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
       run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
+      run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
     state, val = train(config, trainer, state, data, run_dir, progress=progress)
     return export(config, trainer, state, model, lora, data, run_dir, val,
-                  base_model_name_or_path=None if base_model else minilm_path())
+                  base_model_name_or_path=None if base_model else model_path(config))
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
@@ -204,7 +253,7 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
         raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
                          "--overwrite to replace it")
       run_dir_lib.check_replaceable(root, "compare")
-    data = data or load_data(config.seq_len)
+    data = data or load_data(config)
     if not resume:
       if root.exists():
         run_dir_lib.clear(root, "compare")
@@ -309,26 +358,29 @@ def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dic
 def export(config: FinetuneConfig, trainer: Trainer, state: TrainState, model: nnx.Module,
            lora: LoraConfig, data: dict, run_dir: pathlib.Path, val: dict | None = None, *,
            base_model_name_or_path: str | None = None) -> dict[str, Any]:
-  """Test metrics, PEFT adapters of the clean params (recording the base model's local
-  path), the curves and ``summary.json``."""
-  test = evaluate(trainer, state, data["test"])
+  """Test metrics (when there is a test split), PEFT adapters of the clean params (recording
+  the base model's local path), the curves and ``summary.json``."""
   val = val or evaluate(trainer, state, data["validation"])
-  with open(run_dir / "metrics.jsonl", "a") as log:
-    _write(log, {"step": config.steps, "test_loss": test["loss"],
-                 "test_accuracy": test["accuracy"]})
+  summary = {"optimizer": config.optimizer, "steps": config.steps, "seed": config.seed,
+             "val_accuracy": val["accuracy"]}
+  if "test" in data:
+    test = evaluate(trainer, state, data["test"])
+    labels = data["test"]["labels"]
+    summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
+                   majority_class=float(np.max(np.bincount(labels)) / len(labels)))
+    with open(run_dir / "metrics.jsonl", "a") as log:
+      _write(log, {"step": config.steps, "test_loss": test["loss"],
+                   "test_accuracy": test["accuracy"]})
   nnx.update(model, clean_params(state))  # the clean θ into the (unchanged) model object
   save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS",
                 base_model_name_or_path=base_model_name_or_path)
   plot_curves({config.optimizer: read_metrics(run_dir / "metrics.jsonl")},
               run_dir / "curves.png", title=f"{config.optimizer}, LoRA r={config.rank}")
-  labels = data["test"]["labels"]
-  majority = float(np.max(np.bincount(labels)) / len(labels))
-  summary = {"optimizer": config.optimizer, "steps": config.steps, "seed": config.seed,
-             "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
-             "test_loss": test["loss"], "majority_class": majority}
   run_dir_lib.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-  print(f"{config.optimizer}: test accuracy {test['accuracy']:.4f} "
-        f"(majority class {majority:.4f}); run directory {run_dir}")
+  result = (f"test accuracy {summary['test_accuracy']:.4f} (majority class "
+            f"{summary['majority_class']:.4f})" if "test" in data else
+            f"validation accuracy {val['accuracy']:.4f} (no test split)")
+  print(f"{config.optimizer}: {result}; run directory {run_dir}")
   return summary
 
 
@@ -406,6 +458,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, 
 def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
   """A plain-text table of the runs' final accuracies."""
   lines = [f"{'optimizer':<10} {'val acc':>8} {'test acc':>9} {'test loss':>10}"]
-  lines += [f"{name:<10} {s['val_accuracy']:>8.4f} {s['test_accuracy']:>9.4f} "
-            f"{s['test_loss']:>10.4f}" for name, s in summaries.items()]
+  nan = float("nan")
+  lines += [f"{name:<10} {s['val_accuracy']:>8.4f} {s.get('test_accuracy', nan):>9.4f} "
+            f"{s.get('test_loss', nan):>10.4f}" for name, s in summaries.items()]
   return "\n".join(lines)

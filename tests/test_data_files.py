@@ -1,0 +1,137 @@
+"""Your own data and model: CSV / JSONL / Parquet classification files, sentence pairs, the
+label map, `mgpo-jax predict`, and one-line errors that write nothing."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet
+import pytest
+
+from mgpo_jax import cli
+from mgpo_jax.data import load_rotten_tomatoes, minilm_path
+from mgpo_jax.data_files import load_classification_files
+from mgpo_jax.finetune import predict
+
+FAST = ["--steps", "4", "--eval-every", "4", "--save-every", "4", "--batch-size", "8",
+        "--seq-len", "24", "--rank", "2", "--lr", "3e-3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Real snippets with string labels: train CSV, test JSONL, test Parquet."""
+  root = tmp_path_factory.mktemp("files")
+  split = load_rotten_tomatoes(seed=0)["train"]
+  names = np.array(["neg", "pos"])[split.labels]
+  rows = [{"review": t, "sentiment": str(n)} for t, n in zip(split.texts[:120], names[:120])]
+  with open(root / "train.csv", "w") as f:
+    f.write("review,sentiment\n")
+    f.writelines(f'"{r["review"].replace(chr(34), chr(39))}",{r["sentiment"]}\n'
+                 for r in rows[:80])
+  with open(root / "test.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows[80:])
+  pa.parquet.write_table(pa.Table.from_pylist(rows[80:]), root / "test.parquet")
+  return root
+
+
+def test_loader_builds_the_label_map_and_carves_validation(files):
+  splits, labels = load_classification_files(
+      str(files / "train.csv"), None, str(files / "test.parquet"), text_columns=["review"],
+      label_column="sentiment", validation_fraction=0.25, seed=0)
+  assert labels == ["neg", "pos"]
+  assert len(splits["train"].texts) == 60 and len(splits["validation"].texts) == 20
+  jsonl, _ = load_classification_files(
+      str(files / "train.csv"), None, str(files / "test.jsonl"), text_columns=["review"],
+      label_column="sentiment", validation_fraction=0.25, seed=0)
+  assert jsonl["test"].texts == splits["test"].texts
+  np.testing.assert_array_equal(jsonl["test"].labels, splits["test"].labels)
+  again, _ = load_classification_files(
+      str(files / "train.csv"), None, None, text_columns=["review"],
+      label_column="sentiment", validation_fraction=0.25, seed=0)
+  assert again["validation"].texts == splits["validation"].texts  # fixed seed
+
+
+def test_integer_labels_and_sentence_pairs(tmp_path):
+  (tmp_path / "pairs.jsonl").write_text("".join(
+      json.dumps({"s1": f"a {i}", "s2": f"b {i}", "y": i % 3 * 10}) + "\n" for i in range(30)))
+  splits, labels = load_classification_files(
+      str(tmp_path / "pairs.jsonl"), None, None, text_columns=["s1", "s2"], label_column="y",
+      validation_fraction=0.2)
+  assert labels == [0, 10, 20]
+  assert all(isinstance(t, tuple) and len(t) == 2 for t in splits["train"].texts)
+  from transformers import AutoTokenizer
+
+  from mgpo_jax.data import tokenize
+
+  arrays = tokenize(splits["train"].texts[:4], AutoTokenizer.from_pretrained(minilm_path()), 16)
+  assert (arrays["token_type_ids"] == 1).any(axis=1).all()  # the second sentence's segment
+
+
+def test_finetune_on_files_then_predict(tmp_path, files, capsys):
+  run = tmp_path / "run"
+  code = cli.main(["finetune", "--train-file", str(files / "train.csv"), "--test-file",
+                   str(files / "test.jsonl"), "--text-column", "review", "--label-column",
+                   "sentiment", "--run-dir", str(run), *FAST])
+  assert code == 0, capsys.readouterr().err
+  capsys.readouterr()
+  assert json.loads((run / "labels.json").read_text()) == ["neg", "pos"]
+  summary = json.loads((run / "summary.json").read_text())
+
+  out = tmp_path / "pred.jsonl"
+  assert cli.main(["predict", "--run-dir", str(run), "--input-file",
+                   str(files / "test.jsonl"), "--output", str(out)]) == 0
+  preds = [json.loads(line) for line in out.read_text().splitlines()]
+  lines = (files / "test.jsonl").read_text().splitlines()
+  truth = [json.loads(line)["sentiment"] for line in lines]
+  assert len(preds) == len(truth)
+  for p in preds:
+    assert p["label"] in ("neg", "pos") and abs(sum(p["probabilities"].values()) - 1) < 1e-5
+  accuracy = np.mean([p["label"] == t for p, t in zip(preds, truth)])
+  assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-6)  # the run's own model
+
+  assert cli.main(["predict", "--run-dir", str(run), "--text", "a gorgeous film",
+                   "--text", "dull"]) == 0
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [p["text"] for p in printed] == ["a gorgeous film", "dull"]
+  assert printed == predict.predict(run, ["a gorgeous film", "dull"])
+
+
+def _one_line(capsys, *needles):
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mgpo-jax: error:") and len(err.splitlines()) == 1, err
+  for needle in needles:
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("case", ["missing column", "empty file", "unknown label",
+                                  "no weights", "unsupported model", "not a folder"])
+def test_bad_files_are_one_line_errors_that_write_nothing(tmp_path, files, capsys, case):
+  args = ["--train-file", str(files / "train.csv"), "--text-column", "review",
+          "--label-column", "sentiment"]
+  if case == "missing column":
+    args[3], needles = "body", ["--text-column 'body'", "train.csv", "review, sentiment"]
+  elif case == "empty file":
+    (tmp_path / "empty.csv").write_text("")
+    args[1], needles = str(tmp_path / "empty.csv"), ["--train-file", "empty.csv", "empty"]
+  elif case == "unknown label":
+    (tmp_path / "test.jsonl").write_text(json.dumps({"review": "x", "sentiment": "meh"}) + "\n")
+    args += ["--test-file", str(tmp_path / "test.jsonl")]
+    needles = ["--test-file", "test.jsonl", "'meh'", "'neg', 'pos'"]
+  elif case == "no weights":
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(open(f"{minilm_path()}/config.json").read())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+      (tmp_path / "m" / name).write_bytes(open(f"{minilm_path()}/{name}", "rb").read())
+    args += ["--model", str(tmp_path / "m")]
+    needles = ["--model", str(tmp_path / "m"), "safetensors"]
+  elif case == "unsupported model":
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    args += ["--model", str(tmp_path / "m")]
+    needles = ["--model", "'gpt2'", "supported: bert"]
+  else:
+    args += ["--model", "bert-base-uncased"]
+    needles = ["--model bert-base-uncased", "not a local", "hub"]
+  assert cli.main(["finetune", "--run-dir", str(tmp_path / "run"), *args, *FAST]) == 2
+  _one_line(capsys, *needles)
+  assert not (tmp_path / "run").exists()
