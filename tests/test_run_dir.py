@@ -250,3 +250,20 @@ def test_dotted_target_names_follow_peft(data):
   args = cli._parser().parse_args(["finetune", "--target-modules", r"re:.*\.layer\.1\..*"])
   model, _ = job.build_model(cli._config(args), _common.tiny_base_model(config))
   assert lora_modules(model) and all(".layer.1." in p for p in lora_modules(model))
+
+
+def test_compare_follows_the_same_rule(tmp_path, data, capsys):
+  config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2, "save_every": 2},
+                          run_dir=str(tmp_path / "cmp"))
+  kwargs = dict(progress=False, data=data, base_model=_common.tiny_base_model)
+  first = job.run_compare(config, ("adamw", "mgpo"), **kwargs)
+  (tmp_path / "cmp" / "mgpo" / "notes.txt").write_text("mine")
+  with pytest.raises(job.UserError, match=r"mgpo/notes.txt"):
+    job.run_compare(config, ("adamw", "mgpo"), overwrite=True, **kwargs)
+  (tmp_path / "cmp" / "mgpo" / "notes.txt").unlink()
+  with pytest.raises(job.UserError, match="differs from the saved comparison"):
+    job.run_compare(config, ("adamw", "sam"), resume=True, **kwargs)
+  assert job.run_compare(config, ("adamw", "mgpo"), resume=True, **kwargs) == first
+  job.run_compare(config, ("adamw", "sam"), overwrite=True, **kwargs)
+  assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
+      ".mgpo-jax-run.json", "adamw", "compare.png", "config.json", "sam", "summary.json"]

@@ -204,7 +204,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       # Killed before its config was saved: nothing to continue; replace the partial start.
       resume, overwrite = False, True
     _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    model_path(config)  # a bad --model fails before the data is read
+    if base_model is None:
+      model_path(config)  # a bad --model fails before the data is read
     data = data or load_data(config)
     if config.batch_size > len(data["train"]["labels"]):
       raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
@@ -257,8 +258,7 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
     if not resume:
       if root.exists():
         run_dir_lib.clear(root, "compare")
-      run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES, "config.json": None,
-                                           "config.json.tmp": None,
+      run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES,
                                            **{n: run_dir_lib.SUB_RUN for n in optimizers}})
       run_dir_lib.write_atomic(root / "config.json", config.to_json())
   except (ValueError, DataUnavailableError, FileNotFoundError) as err:

@@ -38,6 +38,7 @@ RUN_ENTRIES: dict[str, tuple[str, ...] | None] = {
     ".adapters.tmp-*": _ADAPTER_FILES,  # save_adapters' draft folder
 }
 COMPARE_FILES: dict[str, tuple[str, ...] | None] = {
+    "config.json": None, "config.json.tmp": None,
     "summary.json": None, "summary.json.tmp": None,
     "compare.png": None, "compare.png.tmp": None,
 }
