@@ -2,13 +2,13 @@
 
 Three encoders, all returning ``int32`` numpy arrays of shape ``(N, seq_len)``:
 
-=============================  ==========  ===============================================
+=============================  ==========  ==============================================
 function                       padding     loss on
-=============================  ==========  ===============================================
+=============================  ==========  ==============================================
 :func:`encode_prompt_response` right       response tokens (+ EOS) only; prompt masked
 :func:`encode_texts`           right       every real token (+ EOS)
-:func:`encode_prompts`         LEFT        (no loss: prompts for :func:`~mgpo_jax.generate.greedy_generate`)
-=============================  ==========  ===============================================
+:func:`encode_prompts`         LEFT        none: prompts for ``greedy_generate``
+=============================  ==========  ==============================================
 
 Sequences are padded, not packed: each example is one row, padding carries
 ``attention_mask = 0`` and ``loss_mask = 0``. ``loss_mask[b, t] = 1`` marks token ``t`` as a

@@ -5,6 +5,7 @@ names; ``from_pretrained`` reads a local HF checkpoint directory (never a hub).
 """
 
 from mgpo_jax.models._hf import CheckpointMismatchError
+from mgpo_jax.models.auto import SUPPORTED, TASKS, load_model, model_type
 from mgpo_jax.models.bert import BertForSequenceClassification, BertModel
 from mgpo_jax.models.llama import KVCache, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -15,4 +16,8 @@ __all__ = [
   "KVCache",
   "LlamaForCausalLM",
   "LlamaForSequenceClassification",
+  "SUPPORTED",
+  "TASKS",
+  "load_model",
+  "model_type",
 ]
