@@ -48,7 +48,8 @@ def greedy_generate(
 
   Args:
     model: a :class:`~mgpo_jax.models.LlamaForCausalLM` (LoRA applied or not), used in its
-      current mode (call ``model.eval()`` first if it has dropout).
+      current mode (call ``model.eval()`` first if it has dropout). Anything with its
+      ``model`` (a ``LlamaModel``), ``head`` and ``init_cache`` works.
     input_ids: (B, T) int prompts, left-padded.
     attention_mask: (B, T), 1 = token, 0 = padding; a right-padded batch raises ``ValueError``
       when the mask is concrete.
@@ -85,7 +86,8 @@ def _generate(graphdef, state, input_ids, attention_mask, max_new_tokens, eos_id
   slots = t + max_new_tokens
   mask = jnp.concatenate([attention_mask, jnp.ones((b, max_new_tokens), attention_mask.dtype)], 1)
   cache = model.init_cache(b, slots, cache_dtype)
-  logits, cache = model(input_ids, mask, positions=prompt_positions(attention_mask), cache=cache)
+  hidden, cache = model.model(input_ids, mask, prompt_positions(attention_mask), cache)
+  logits = model.head(hidden[:, -1:])  # the prefill needs the last column's logits only
   lengths = jnp.sum(attention_mask, axis=-1)  # position of the first generated token
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 

@@ -17,9 +17,8 @@ from mgpo_jax.answers import exact_match_rate
 from mgpo_jax.generate import greedy_generate
 from mgpo_jax.lm_data import decode_generated, encode_prompt_response, encode_prompts
 from mgpo_jax.lora import LoraConfig, apply_lora, lora_modules, save_adapters
-from mgpo_jax.models import (BertForSequenceClassification, LlamaForCausalLM,
-                             LlamaForSequenceClassification, load_model)
-from mgpo_jax.train import Trainer, causal_lm_loss, clean_params
+from mgpo_jax.models import LlamaForCausalLM, LlamaForSequenceClassification, load_model
+from mgpo_jax.train import Trainer, causal_lm_loss, classification_loss, clean_params
 from tiny_llama import PAD_ID, build_tokenizer, save_tiny_llama, toy_pairs
 
 torch = pytest.importorskip("torch")
@@ -98,6 +97,13 @@ def test_llama_sequence_classification_matches_hf_and_peft(llama_dir, tmp_path):
     want = hf(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
   np.testing.assert_allclose(np.asarray(pristine(jnp.asarray(ids), jnp.asarray(mask))), want,
                              rtol=0, atol=1e-4)
+  labels = jnp.asarray([0, 2, 1])
+  loss, metrics = classification_loss(pristine, {  # BERT-style batches work (types ignored)
+    "input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+    "token_type_ids": jnp.zeros_like(jnp.asarray(ids)), "labels": labels})
+  want_loss = torch.nn.functional.cross_entropy(torch.as_tensor(want), torch.as_tensor([0, 2, 1]))
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-4)
+  assert float(metrics["count"]) == 3
 
   config = LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, alpha=4.0,
                       modules_to_save=["score"])

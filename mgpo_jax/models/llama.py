@@ -264,11 +264,14 @@ class LlamaForCausalLM(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     hidden, new_cache = self.model(input_ids, attention_mask, positions, cache)
-    if self.lm_head is None:
-      logits = self.model.embed_tokens.attend(hidden)
-    else:
-      logits = self.lm_head(hidden)
+    logits = self.head(hidden)
     return logits if cache is None else (logits, new_cache)
+
+  def head(self, hidden: jax.Array) -> jax.Array:
+    """Logits of hidden states: ``lm_head``, or the tied embedding's transpose."""
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty :class:`KVCache` for ``batch_size`` rows of up to ``max_len`` tokens."""
@@ -353,8 +356,16 @@ class LlamaForSequenceClassification(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    """``input_ids`` (B, T), ``attention_mask`` (B, T) (default all ones); logits (B, C)."""
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+  ) -> jax.Array:
+    """``input_ids`` (B, T), ``attention_mask`` (B, T) (default all ones); logits (B, C).
+    ``token_type_ids`` is accepted and ignored (Llama has no segment embeddings), so batches
+    built for BERT and :func:`~mgpo_jax.train.classification_loss` work unchanged."""
+    del token_type_ids
     mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
     hidden, _ = self.model(input_ids, mask)
     last = last_token_index(input_ids, attention_mask, self.pad_token_id)
