@@ -5,12 +5,19 @@ names; ``from_pretrained`` reads a local HF checkpoint directory (never a hub).
 """
 
 from mgpo_jax.models._hf import CheckpointMismatchError
+from mgpo_jax.models.auto import SUPPORTED, TASKS, load_model, model_type
 from mgpo_jax.models.bert import BertForSequenceClassification, BertModel
-from mgpo_jax.models.llama import LlamaForCausalLM
+from mgpo_jax.models.llama import KVCache, LlamaForCausalLM, LlamaForSequenceClassification
 
 __all__ = [
   "BertForSequenceClassification",
   "BertModel",
   "CheckpointMismatchError",
+  "KVCache",
   "LlamaForCausalLM",
+  "LlamaForSequenceClassification",
+  "SUPPORTED",
+  "TASKS",
+  "load_model",
+  "model_type",
 ]

@@ -10,7 +10,7 @@ Nothing here touches the network: the directory must exist locally.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -114,6 +114,17 @@ class SafetensorsCheckpoint:
     with safe_open(str(self._file_of[key]), framework="flax") as f:
       return f.get_tensor(key)
 
+  def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, jax.Array]]:
+    """``(key, tensor)`` for ``keys``, shard by shard: each file is opened once and its
+    tensors read one at a time (the caller converts and drops each before the next)."""
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+      by_file.setdefault(self._file_of[key], []).append(key)
+    for file in sorted(by_file):
+      with safe_open(str(file), framework="flax") as f:
+        for key in by_file[file]:
+          yield key, f.get_tensor(key)
+
 
 def _listing(names: Iterable[str]) -> str:
   names = sorted(names)
@@ -169,11 +180,12 @@ def load_hf_weights(
     raise CheckpointMismatchError(
       f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems)
     )
-  for name, key in source.items():
-    variable, transposed = params[name]
-    tensor = checkpoint.load(key)
+  name_of = {key: name for name, key in source.items()}
+  for key, tensor in checkpoint.tensors(name_of):  # shard by shard, one tensor at a time
+    variable, transposed = params[name_of[key]]
     tensor = tensor.T if transposed else tensor
     variable.set_value(jnp.asarray(tensor, dtype=variable.get_value().dtype))
+    del tensor  # only the parameter (in its param_dtype) stays
 
 
 def build_from_checkpoint(

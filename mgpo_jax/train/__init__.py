@@ -1,6 +1,7 @@
 """Training: the jitted, data-parallel train step and exact, atomic checkpoints.
 
 ``trainer``     :class:`Trainer` (split-once NNX train / eval steps), :class:`TrainState`
+``losses``      :func:`causal_lm_loss`, :func:`perplexity`
 ``checkpoint``  :class:`Checkpointer` on orbax (imported on first use)
 """
 
@@ -10,9 +11,10 @@ from typing import Any
 
 from mgpo_jax.train.trainer import (DATA_AXIS, TrainState, Trainer, classification_loss,
                                     clean_params, make_mesh)
+from mgpo_jax.train.losses import causal_lm_loss, perplexity
 
 __all__ = ["DATA_AXIS", "CheckpointError", "Checkpointer", "TrainState", "Trainer",
-           "classification_loss", "clean_params", "make_mesh"]
+           "causal_lm_loss", "classification_loss", "clean_params", "make_mesh", "perplexity"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,66 @@
+"""Loss functions in the :data:`~mgpo_jax.train.trainer.LossFn` convention
+(``loss_fn(model, batch) -> (mean loss, summed metrics)``) beyond ``classification_loss``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = ["causal_lm_loss", "perplexity"]
+
+
+def causal_lm_loss(
+  model: nnx.Module, batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-token cross-entropy of a causal LM, on the tokens ``loss_mask`` selects.
+
+  ``model(input_ids, attention_mask=...)`` gives logits ``(B, T, V)``. Token ``t`` is a target
+  iff ``loss_mask[b, t] = 1``; it is predicted from the logits at ``t - 1``, so column 0 is
+  never a target. Prompt and padding tokens have ``loss_mask = 0``
+  (:mod:`mgpo_jax.lm_data` builds the mask). With weights ``w = loss_mask[:, 1:]`` (times an
+  optional per-row ``batch["mask"]``, e.g. 0 on padding rows):
+
+    loss = Σ w_bt CE(logits_b,t-1, ids_bt) / Σ w_bt        (0 when Σ w = 0)
+
+  i.e. the mean over the batch's target TOKENS (with ``accum_steps > 1`` the Trainer averages
+  the micro-batches' means).
+
+  Args:
+    model: a causal LM, e.g. :class:`~mgpo_jax.models.LlamaForCausalLM` with LoRA.
+    batch: ``input_ids`` (B, T) int; optional ``attention_mask`` (B, T), ``loss_mask`` (B, T)
+      (default: ``attention_mask``, else all ones), ``mask`` (B,).
+
+  Returns:
+    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = next token], "count": Σ w})``;
+    eval reports ``loss_sum / count`` and :func:`perplexity`.
+  """
+  ids = batch["input_ids"]
+  attention_mask = batch.get("attention_mask")
+  logits = model(ids, attention_mask=attention_mask).astype(jnp.float32)[:, :-1]
+  if "loss_mask" in batch:
+    w = batch["loss_mask"]
+  elif attention_mask is not None:
+    w = attention_mask
+  else:
+    w = jnp.ones(ids.shape)
+  w = w[:, 1:].astype(jnp.float32)
+  if "mask" in batch:
+    w = w * batch["mask"].astype(jnp.float32)[:, None]
+  targets = ids[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  count = jnp.sum(w)
+  loss_sum = jnp.sum(w * ce)
+  correct = jnp.sum(w * (jnp.argmax(logits, axis=-1) == targets))
+  loss = loss_sum / jnp.where(count > 0, count, 1.0)
+  return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def perplexity(metrics: Mapping[str, float]) -> float:
+  """``exp(loss_sum / count)`` of summed :func:`causal_lm_loss` metrics (``nan`` if count 0)."""
+  count = float(metrics["count"])
+  return math.exp(float(metrics["loss_sum"]) / count) if count > 0 else math.nan
