@@ -83,8 +83,8 @@ def _predict(args: argparse.Namespace) -> int:
     texts = args.text
     if args.input_file:
       saved = pathlib.Path(args.run_dir) / "config.json"
-      text_column = (FinetuneConfig.from_json(saved.read_text()).text_column
-                     if saved.is_file() else FinetuneConfig().text_column)
+      run = FinetuneConfig.from_json(saved.read_text()) if saved.is_file() else FinetuneConfig()
+      text_column = run.prompt_column or run.text_column
       texts = predict.read_texts(args.input_file, text_column)
     lines = [json.dumps(r) for r in predict.predict(args.run_dir, texts)]
     if args.output:

@@ -101,11 +101,48 @@ def load_classification_files(
     splits[name] = Split(texts, np.asarray([ids[v] for v in labels], np.int32))
   if "validation" not in splits:
     train = splits["train"]
-    order = np.random.default_rng(seed).permutation(len(train.labels))
-    n_val = int(round(validation_fraction * len(order)))
-    if not 0 < n_val < len(order):
-      raise ValueError(f"--validation-fraction {validation_fraction} of {len(order)} training "
-                       "examples leaves an empty split; give --validation-file")
     pick = lambda idx: Split([train.texts[i] for i in idx], train.labels[idx])  # noqa: E731
-    splits["validation"], splits["train"] = pick(order[:n_val]), pick(order[n_val:])
+    val, rest = _carve(len(train.labels), validation_fraction, seed)
+    splits["validation"], splits["train"] = pick(val), pick(rest)
   return splits, label_names
+
+
+def _carve(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(validation, train)`` indices: a fixed-seed ``fraction`` of ``n`` training rows."""
+  order = np.random.default_rng(seed).permutation(n)
+  n_val = int(round(fraction * n))
+  if not 0 < n_val < n:
+    raise ValueError(f"--validation-fraction {fraction} of {n} training examples leaves an "
+                     "empty split; give --validation-file")
+  return order[:n_val], order[n_val:]
+
+
+def load_text_files(
+    train_file: str, validation_file: str | None, test_file: str | None, *,
+    columns: Sequence[str], validation_fraction: float, seed: int = 0,
+) -> dict[str, dict[str, list[str]]]:
+  """``{split: {column: texts}}`` for language modelling: the named text ``columns`` (e.g.
+  prompt and response) of each file; validation carved from train (fixed seed) when absent."""
+  files = {"train": ("--train-file", train_file), "validation": ("--validation-file",
+           validation_file), "test": ("--test-file", test_file)}
+  splits = {}
+  for name, (flag, path) in files.items():
+    if not path:
+      continue
+    table = read_table(path, flag)
+    split = {}
+    for column in columns:
+      if column not in table:
+        raise ValueError(f"column {column!r} is not in {flag} {path} "
+                         f"(columns: {', '.join(table)})")
+      split[column] = list(table[column])
+      bad = next((i for i, v in enumerate(split[column]) if not isinstance(v, str)), None)
+      if bad is not None:
+        raise ValueError(f"{flag} {path}: row {bad + 1} of column {column!r} is not text")
+    splits[name] = split
+  if "validation" not in splits:
+    train = splits["train"]
+    val, rest = _carve(len(train[columns[0]]), validation_fraction, seed)
+    splits["validation"] = {c: [v[i] for i in val] for c, v in train.items()}
+    splits["train"] = {c: [v[i] for i in rest] for c, v in train.items()}
+  return splits

@@ -42,8 +42,11 @@ class FinetuneConfig:
   optimizers with 3% linear warmup and cosine decay (the papers' schedule).
   """
 
-  model: str | None = _field(None, "a local Hugging Face checkpoint folder (BERT family); "
-                                   "unset: the embedded all-MiniLM-L6-v2")
+  task: str = _field("classification", "sequence classification, or causal-lm (Llama "
+                                       "models: next-token loss on the response)",
+                     choices=("classification", "causal-lm"))
+  model: str | None = _field(None, "a local Hugging Face checkpoint folder (BERT or Llama "
+                                   "architecture); unset: the embedded all-MiniLM-L6-v2")
   train_file: str | None = _field(None, "training data: a CSV, TSV, JSONL or Parquet file; "
                                         "unset: the embedded Rotten Tomatoes")
   validation_file: str | None = _field(None, "validation data (same format); unset: "
@@ -52,6 +55,15 @@ class FinetuneConfig:
   text_column: str = _field("text", "the text column, or two comma-separated for sentence "
                                     "pairs (e.g. sentence1,sentence2)")
   label_column: str = _field("label", "the label column (strings or integers)")
+  prompt_column: str | None = _field(None, "causal-lm: the prompt column (no loss on its "
+                                           "tokens); unset: plain language modelling of "
+                                           "--text-column")
+  response_column: str | None = _field(None, "causal-lm: the response column (with "
+                                             "--prompt-column)")
+  eval_generate: int = _field(0, "causal-lm: greedy-generate answers for this many "
+                                 "validation prompts at the end and score exact match "
+                                 "(GSM8K style)")
+  max_new_tokens: int = _field(64, "causal-lm: tokens generated per prompt")
   validation_fraction: float = _field(0.1, "fraction of --train-file held out for "
                                            "validation when no --validation-file is given")
   optimizer: str = _field("mgpo", "the method", choices=OPTIMIZERS)
@@ -136,6 +148,18 @@ class FinetuneConfig:
         raise ValueError(f"--target-modules {targets!r} is not a valid regex ({err})") from err
     if not 0 < self.validation_fraction < 1:
       raise ValueError(f"--validation-fraction must be in (0, 1); got {self.validation_fraction}")
+    if self.task == "causal-lm":
+      if not (self.train_file and self.model):
+        raise ValueError("--task causal-lm needs --model (a Llama checkpoint folder) and "
+                         "--train-file")
+      if (self.prompt_column is None) != (self.response_column is None):
+        raise ValueError("--prompt-column and --response-column go together")
+    elif self.prompt_column or self.response_column or self.eval_generate:
+      raise ValueError("--prompt-column, --response-column and --eval-generate need "
+                       "--task causal-lm")
+    if not isinstance(self.eval_generate, int) or self.eval_generate < 0:
+      raise ValueError(f"--eval-generate must be an integer >= 0; got {self.eval_generate!r}")
+    _positive_int("--max-new-tokens", self.max_new_tokens)
     if (self.validation_file or self.test_file) and not self.train_file:
       raise ValueError("--validation-file and --test-file need --train-file")
     if not self.text_column.strip() or not self.label_column.strip():

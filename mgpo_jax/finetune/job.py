@@ -34,17 +34,22 @@ from flax import nnx
 
 from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
-from mgpo_jax.data_files import load_classification_files
+from mgpo_jax.data_files import load_classification_files, load_text_files
 from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.lora import LoraConfig, apply_lora, save_adapters
 from mgpo_jax.methods import METHODS
-from mgpo_jax.models import BertForSequenceClassification
-from mgpo_jax.train import Trainer, TrainState, clean_params, make_mesh
+from mgpo_jax.answers import exact_match_rate
+from mgpo_jax.generate import greedy_generate
+from mgpo_jax.lm_data import (decode_generated, encode_prompt_response, encode_prompts,
+                              encode_texts, pad_token_id)
+from mgpo_jax.models import SUPPORTED, load_model, model_type
+from mgpo_jax.train import (Trainer, TrainState, causal_lm_loss, classification_loss,
+                            clean_params, make_mesh)
 from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
 
 LOG_EVERY = 10
-SUPPORTED_MODEL_TYPES = ("bert",)  # the BERT family: BertForSequenceClassification
+_HEADS = ("classifier", "score")  # a classifier's new head, trained in full (BERT, Llama)
 EVAL_BATCH_SIZE = 128
 _SPLIT_SEED = 0  # the data split is fixed, whatever the training seed
 _NEVER_GIVE_UP = 2**31 - 1  # apply_if_finite's max_consecutive_errors: always skip
@@ -80,13 +85,28 @@ def model_path(config: FinetuneConfig) -> str:
     raise ValueError(f"--model {config.model} is not a local Hugging Face checkpoint folder "
                      "(no config.json there); nothing is fetched from a hub")
   try:
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    kind = model_type(folder)
   except ValueError as err:
-    raise ValueError(f"--model {config.model}: config.json is not valid JSON ({err})") from err
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"--model {config.model}: model_type {model_type!r} is not supported; "
-                     f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    raise ValueError(f"--model {config.model}: {err}") from err
+  if config.task not in SUPPORTED.get(kind, {}):
+    supported = "; ".join(f"{t} ({', '.join(tasks)})" for t, tasks in SUPPORTED.items())
+    raise ValueError(f"--model {config.model}: model_type {kind!r} is not supported for "
+                     f"--task {config.task}; supported: {supported}")
   return str(folder)
+
+
+def load_base(config: FinetuneConfig, num_labels: int = 2) -> nnx.Module:
+  """The :func:`model_path` checkpoint as the model of ``config.task``, a classifier with a
+  fresh ``num_labels``-way head (BERT pooling ``config.pooling``) or a causal LM."""
+  path = model_path(config)
+  bert = model_type(path) == "bert"
+  try:
+    return load_model(path, task=config.task,
+                      num_labels=num_labels if config.task == "classification" else None,
+                      rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+                      **({"pooling": config.pooling} if bert else {}))
+  except (FileNotFoundError, ValueError) as err:
+    raise ValueError(f"--model {path}: {err}") from err
 
 
 def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
@@ -94,14 +114,7 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
   """LoRA on ``config.target_modules`` of ``base`` (default: the :func:`model_path`
   checkpoint with a fresh ``num_labels``-way head, pooling ``config.pooling``); the head is
   trained in full (PEFT's ``modules_to_save``)."""
-  if base is None:
-    try:
-      base = BertForSequenceClassification.from_pretrained(
-          model_path(config), num_labels=num_labels, pooling=config.pooling,
-          rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-    except (FileNotFoundError, ValueError) as err:
-      raise ValueError(f"--model {model_path(config)}: {err}") from err
-  model = base
+  model = base or load_base(config, num_labels)
   positions = _max_positions(model)
   if positions is not None and config.seq_len > positions:
     raise ValueError(f"--seq-len {config.seq_len} is longer than the model's "
@@ -112,7 +125,7 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
   lora = LoraConfig(target_modules=targets,
                     r=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
                     use_rslora=config.use_rslora, init=config.init_lora_weights,
-                    modules_to_save=("classifier",))
+                    modules_to_save=tuple(h for h in _HEADS if hasattr(model, h)))
   apply_lora(model, lora, rngs=nnx.Rngs(params=config.seed + 2, dropout=config.seed + 3))
   return model, lora
 
@@ -134,6 +147,11 @@ def load_data(config: FinetuneConfig) -> dict[str, Any]:
   """
   from transformers import AutoTokenizer
 
+  tokenizer = AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
+  if config.task == "causal-lm":
+    return _load_lm_data(config, tokenizer)
+  if tokenizer.pad_token is None:  # Llama: pad with EOS (the classifier reads the last real token)
+    tokenizer.pad_token = tokenizer.eos_token
   if config.train_file:
     splits, label_names = load_classification_files(
         config.train_file, config.validation_file, config.test_file,
@@ -142,9 +160,29 @@ def load_data(config: FinetuneConfig) -> dict[str, Any]:
         seed=_SPLIT_SEED)
   else:
     splits, label_names = load_rotten_tomatoes(seed=_SPLIT_SEED), ["negative", "positive"]
-  tokenizer = AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
   return {**{name: {**tokenize(s.texts, tokenizer, config.seq_len), "labels": s.labels}
              for name, s in splits.items()}, "label_names": label_names}
+
+
+def _load_lm_data(config: FinetuneConfig, tokenizer: Any) -> dict[str, Any]:
+  """Causal-LM splits: ``input_ids``, ``attention_mask``, ``loss_mask`` (prompt and padding
+  tokens carry no loss), dummy ``labels``; and the validation prompts/responses as text, for
+  ``--eval-generate``."""
+  columns = ([config.prompt_column, config.response_column] if config.prompt_column
+             else [config.text_column])
+  texts = load_text_files(config.train_file, config.validation_file, config.test_file,
+                          columns=columns, validation_fraction=config.validation_fraction,
+                          seed=_SPLIT_SEED)
+  data = {}
+  for name, split in texts.items():
+    encoded = (encode_prompt_response(tokenizer, *(split[c] for c in columns), config.seq_len)
+               if config.prompt_column else encode_texts(tokenizer, split[columns[0]],
+                                                         config.seq_len))
+    data[name] = {**encoded.arrays(), "labels": np.zeros(len(encoded.input_ids), np.int32)}
+  if config.prompt_column:
+    data["generation"] = {"prompts": texts["validation"][config.prompt_column],
+                          "responses": texts["validation"][config.response_column]}
+  return data
 
 
 def label_names(data: dict[str, Any]) -> list[Any]:
@@ -168,8 +206,11 @@ def evaluate(trainer: Trainer, state: TrainState, split: dict[str, np.ndarray],
     m = trainer.eval_step(state, trainer.shard_batch(batch))
     totals = m if totals is None else jax.tree.map(operator.add, totals, m)  # stays async
   totals = jax.device_get(totals)
-  return {"loss": float(totals["loss_sum"] / totals["count"]),
-          "accuracy": float(totals["correct"] / totals["count"])}
+  loss = float(totals["loss_sum"] / totals["count"])
+  out = {"loss": loss, "accuracy": float(totals["correct"] / totals["count"])}
+  if "loss_mask" in split:  # causal LM: per-token loss and next-token accuracy
+    out["perplexity"] = math.exp(min(loss, 700.0))
+  return out
 
 
 def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
@@ -213,7 +254,9 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
     labels = label_names(data)
     model, lora = build_model(config, base_model(config) if base_model else None, len(labels))
     mesh = make_mesh(config.devices) if config.devices > 1 else None
-    trainer = Trainer(model, build_optimizer(config), mesh=mesh, accum_steps=config.accum_steps,
+    loss_fn = causal_lm_loss if config.task == "causal-lm" else classification_loss
+    trainer = Trainer(model, build_optimizer(config), loss_fn, mesh=mesh,
+                      accum_steps=config.accum_steps,
                       compute_dtype=None if config.compute_dtype == "float32" else
                       jnp.dtype(config.compute_dtype))
     state = trainer.init(config.seed)
@@ -346,7 +389,7 @@ def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dic
           window, t0 = [], time.perf_counter()
         if step % config.eval_every == 0 or step == config.steps:
           val = evaluate(trainer, state, data["validation"])
-          _write(log, {"step": step, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+          _write(log, {"step": step, **{f"val_{k}": v for k, v in val.items()}})
           bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f}")
         ckpt.save(step, state, metadata={"step": step, "data_position": step},
                   force=step == config.steps)
@@ -362,26 +405,56 @@ def export(config: FinetuneConfig, trainer: Trainer, state: TrainState, model: n
   the base model's local path), the curves and ``summary.json``."""
   val = val or evaluate(trainer, state, data["validation"])
   summary = {"optimizer": config.optimizer, "steps": config.steps, "seed": config.seed,
-             "val_accuracy": val["accuracy"]}
+             **{f"val_{k}": v for k, v in val.items()}}
   if "test" in data:
     test = evaluate(trainer, state, data["test"])
-    labels = data["test"]["labels"]
-    summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"],
-                   majority_class=float(np.max(np.bincount(labels)) / len(labels)))
+    summary.update({f"test_{k}": v for k, v in test.items()})
+    if config.task == "classification":
+      labels = data["test"]["labels"]
+      summary["majority_class"] = float(np.max(np.bincount(labels)) / len(labels))
     with open(run_dir / "metrics.jsonl", "a") as log:
-      _write(log, {"step": config.steps, "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"]})
+      _write(log, {"step": config.steps, **{f"test_{k}": v for k, v in test.items()}})
   nnx.update(model, clean_params(state))  # the clean θ into the (unchanged) model object
-  save_adapters(run_dir / "adapters", model, lora, task_type="SEQ_CLS",
+  if config.eval_generate and "generation" in data:
+    summary["val_exact_match"] = _generation_exact_match(config, model, data["generation"])
+  save_adapters(run_dir / "adapters", model, lora,
+                task_type="CAUSAL_LM" if config.task == "causal-lm" else "SEQ_CLS",
                 base_model_name_or_path=base_model_name_or_path)
   plot_curves({config.optimizer: read_metrics(run_dir / "metrics.jsonl")},
               run_dir / "curves.png", title=f"{config.optimizer}, LoRA r={config.rank}")
   run_dir_lib.write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-  result = (f"test accuracy {summary['test_accuracy']:.4f} (majority class "
-            f"{summary['majority_class']:.4f})" if "test" in data else
-            f"validation accuracy {val['accuracy']:.4f} (no test split)")
+  if config.task == "causal-lm":
+    result = f"validation perplexity {val['perplexity']:.4g}" + (
+        f", exact match {summary['val_exact_match']:.4f} on {config.eval_generate} generated "
+        "answers" if "val_exact_match" in summary else "")
+  elif "test" in data:
+    result = (f"test accuracy {summary['test_accuracy']:.4f} (majority class "
+              f"{summary['majority_class']:.4f})")
+  else:
+    result = f"validation accuracy {val['accuracy']:.4f} (no test split)"
   print(f"{config.optimizer}: {result}; run directory {run_dir}")
   return summary
+
+
+def generate(config: FinetuneConfig, model: nnx.Module, prompts: Sequence[str]) -> list[str]:
+  """Greedy answers (``config.max_new_tokens`` tokens, KV cache) of a causal-LM ``model``."""
+  from transformers import AutoTokenizer
+
+  tokenizer = AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
+  ids, mask = encode_prompts(tokenizer, list(prompts), config.seq_len)
+  model.eval()
+  tokens = greedy_generate(model, jnp.asarray(ids), jnp.asarray(mask),
+                           max_new_tokens=config.max_new_tokens,
+                           eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=pad_token_id(tokenizer))
+  return decode_generated(tokenizer, np.asarray(tokens), tokenizer.eos_token_id)
+
+
+def _generation_exact_match(config: FinetuneConfig, model: nnx.Module,
+                            generation: dict[str, list[str]]) -> float:
+  n = config.eval_generate
+  answers = generate(config, model, generation["prompts"][:n])
+  return exact_match_rate(answers, generation["responses"][:n])
 
 
 def _log_train(log, step: int, window: list) -> dict[str, float]:

@@ -20,9 +20,8 @@ from flax import nnx
 from mgpo_jax.data import eval_batch_iterator, tokenize
 from mgpo_jax.data_files import read_table
 from mgpo_jax.finetune.config import FinetuneConfig
-from mgpo_jax.finetune.job import model_path
+from mgpo_jax.finetune.job import generate, load_base, model_path
 from mgpo_jax.lora import load_adapters
-from mgpo_jax.models import BertForSequenceClassification
 
 
 def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nnx.Module]:
@@ -35,8 +34,7 @@ def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nn
                      f"{', '.join(missing)})")
   config = FinetuneConfig.from_json((run_dir / "config.json").read_text())
   labels = json.loads((run_dir / "labels.json").read_text())
-  model = BertForSequenceClassification.from_pretrained(
-      model_path(config), num_labels=len(labels), pooling=config.pooling, rngs=nnx.Rngs(0))
+  model = load_base(config, len(labels))
   load_adapters(run_dir / "adapters", model)
   model.eval()
   return config, labels, model
@@ -45,11 +43,17 @@ def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nn
 def predict(run_dir: str | pathlib.Path, texts: Sequence[Any], *,
             batch_size: int = 64) -> list[dict[str, Any]]:
   """One ``{"text", "label", "probabilities": {label: p}}`` per text (a string, or a
-  ``(first, second)`` pair for a sentence-pair run)."""
+  ``(first, second)`` pair for a sentence-pair run); for a causal-LM run, one
+  ``{"prompt", "generated"}`` per prompt (greedy, the run's ``max_new_tokens``)."""
   from transformers import AutoTokenizer
 
   config, labels, model = load_run(run_dir)
+  if config.task == "causal-lm":
+    return [{"prompt": p, "generated": g}
+            for p, g in zip(texts, generate(config, model, list(texts)))]
   tokenizer = AutoTokenizer.from_pretrained(model_path(config), local_files_only=True)
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
   arrays = tokenize(list(texts), tokenizer, config.seq_len)
   graphdef, state = nnx.split(model)
 
