@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
 
 from benchmarks import double_descent, overhead, quality  # noqa: E402
+from mgpo_jax.methods import METHODS  # noqa: E402
 
 
 def _bump_reference(losses, window):
@@ -53,7 +54,7 @@ def test_overhead_quick(tmp_path, capsys):
   assert json.loads(out.read_text())["settings"][0]["batch_size"] == 4
   (setting,) = results["settings"]
   methods = setting["methods"]
-  assert set(methods) == {"adamw", "mgpo", "sam"}
+  assert set(methods) == set(METHODS)  # every registered method, lora-one included
   for m in methods.values():
     assert len(m["step_s_all"]) == results["rounds"]
     assert all(t > 0 and math.isfinite(t) for t in m["step_s_all"])
