@@ -16,8 +16,8 @@ from typing import Any
 
 from mgpo_jax.finetune.config import FinetuneConfig
 
-_JOB = ("LOG_EVERY", "UserError", "build_model", "build_optimizer", "evaluate", "export", "load_data",
-        "plot_curves", "read_metrics", "run", "run_compare", "summary_table", "train")
+_JOB = ("LOG_EVERY", "UserError", "build_model", "build_optimizer", "evaluate", "export",
+        "load_data", "plot_curves", "read_metrics", "run", "run_compare", "summary_table", "train")
 __all__ = ["FinetuneConfig", *_JOB]
 
 
