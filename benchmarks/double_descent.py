@@ -32,7 +32,9 @@ if __package__ in (None, ""):
 from benchmarks import _common  # noqa: E402
 
 SMOOTH = 3
-METHODS = {"lora": {"optimizer": "adamw"}, "mgpo": {"optimizer": "mgpo", "sign": 1.0}}
+METHODS = {"lora": {"optimizer": "adamw"}, "mgpo": {"optimizer": "mgpo", "sign": 1.0},
+           "lora-one": {"optimizer": "lora-one"}}
+DEFAULT_METHODS = ["lora", "mgpo"]  # lora-one on request (--methods)
 
 
 def smooth(losses: Sequence[float], window: int = SMOOTH) -> np.ndarray:
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny random BERT and data, a few steps")
   p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 256])
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
   p.add_argument("--lr", type=float, default=5e-3)
   p.add_argument("--steps", type=int, default=120)
   p.add_argument("--batch-size", type=int, default=16)

@@ -1,5 +1,6 @@
 """Cost: per-step time, optimizer-state bytes and XLA buffer sizes of the MiniLM LoRA train step
-(r=8, alpha=16 on query/value, classifier head trained) with AdamW, LoRA-MGPO and SAM.
+(r=8, alpha=16 on query/value, classifier head trained) with every registered method (AdamW,
+LoRA-MGPO, SAM, LoRA-One's preconditioned AdamW), and the one-off cost of LoRA-One's init.
 
 All train steps are compiled first; then rounds of ``adamw, mgpo, sam, adamw, mgpo, sam, ...``
 each time a few steps (``jax.block_until_ready``) in ONE process, so slow drifts of the machine
@@ -116,10 +117,39 @@ def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
                           out[name]["opt_state_bytes"] - out["adamw"]["opt_state_bytes"]})
   params = states["adamw"].params
   return {"batch_size": batch_size, "seq_len": seq_len,
+          "lora_one_init": _lora_one_init_cost(args, config, batch, out["adamw"]["step_s_median"]),
           "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
           "trainable_bytes": _common.tree_nbytes(params),
           "lora_modules": len(lora_modules(model)), "methods": out,
           "model_params": int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model))))}
+
+
+def _lora_one_init_cost(args, config, batch, step_s: float) -> dict[str, Any]:
+  """The one-off cost of LoRA-One's spectral init: ``build_model`` with the lora-one init
+  (gradients of the target kernels on 8 examples of ``batch``, one SVD per module) minus
+  ``build_model`` with the default init, in seconds (compilation included: it runs once) and
+  as a multiple of one AdamW train step; the device's peak memory where JAX reports it (GPU),
+  before and after."""
+  import jax
+  from flax import nnx
+
+  from mgpo_jax import finetune
+
+  build = _common.build_tiny_model if args.quick else finetune.build_model
+  base = (lambda c: _common.tiny_base_model(c)) if args.quick else (lambda c: None)
+  stats = lambda: (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # noqa: E731
+  t0 = time.perf_counter()
+  build(config.replace(optimizer="adamw"))
+  plain_s = time.perf_counter() - t0
+  peak_before = stats()
+  lora_one = config.replace(optimizer="lora-one")
+  t0 = time.perf_counter()
+  model, _ = finetune.build_model(lora_one, base(lora_one), data={"train": batch})
+  jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+  init_s = time.perf_counter() - t0 - plain_s
+  return {"examples": lora_one.init_examples, "seconds": init_s,
+          "train_steps_equivalent": init_s / step_s,
+          "peak_bytes_before": peak_before, "peak_bytes_after": stats()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -135,13 +165,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nbatch {batch_size} x seq {seq_len}: {r['trainable_params']} trainable params in "
           f"{r['lora_modules']} LoRA modules (+ head); {args.rounds} rounds x "
           f"{args.steps_per_round} steps")
-    print(f"{'method':7s} {'step ms':>9s} {'vs adamw':>9s} {'opt-state B':>12s} {'extra B':>9s} "
+    print(f"{'method':8s} {'step ms':>9s} {'vs adamw':>9s} {'opt-state B':>12s} {'extra B':>9s} "
           f"{'XLA temp B':>12s} {'XLA arg B':>12s}")
     for name, m in r["methods"].items():
       mem = m["xla_memory"] or {}
-      print(f"{name:7s} {1e3 * m['step_s_median']:>9.1f} {m['time_ratio_vs_adamw']:>9.3f} "
+      print(f"{name:8s} {1e3 * m['step_s_median']:>9.1f} {m['time_ratio_vs_adamw']:>9.3f} "
             f"{m['opt_state_bytes']:>12d} {m['opt_state_extra_bytes_vs_adamw']:>9d} "
             f"{mem.get('temp', -1):>12d} {mem.get('argument', -1):>12d}")
+    init = r["lora_one_init"]
+    print(f"lora-one init ({init['examples']} examples, compilation included): "
+          f"{init['seconds']:.2f} s = {init['train_steps_equivalent']:.1f} AdamW steps; "
+          f"device peak bytes {init['peak_bytes_before']} -> {init['peak_bytes_after']}")
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(results, indent=1))
   print(f"wrote {args.out}")

@@ -30,7 +30,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "mgpo+1": {"optimizer": "mgpo", "sign": 1.0},
     "mgpo-1": {"optimizer": "mgpo", "sign": -1.0},
     "sam": {"optimizer": "sam"},  # the registry's rho
+    "lora-one": {"optimizer": "lora-one"},  # spectral init + r×r preconditioned AdamW
 }
+DEFAULT_METHODS = ["lora", "mgpo+1", "mgpo-1", "sam"]  # lora-one on request (--methods)
 HESSIAN_BATCH = 16
 HESSIAN_ITERS = 10
 
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="validation examples used for curves and lr selection (fixed subset)")
   p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "quality.json")
   p.add_argument("--plot", type=pathlib.Path, default=_common.DOCS / "quality.png")
   p.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path("/tmp/mgpo_quality_runs"))
@@ -81,7 +83,8 @@ def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
   from mgpo_jax.train.checkpoint import Checkpointer
   from mgpo_jax.train import Trainer, classification_loss, clean_params
 
-  model, _ = finetune.build_model(config, base_model(config) if base_model else None)
+  model, _ = finetune.build_model(config, base_model(config) if base_model else None,
+                                  data=data)  # (lora-one's init needs it; then restored)
   trainer = Trainer(model, finetune.build_optimizer(config))
   with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
     state, _ = ckpt.restore(trainer.abstract_state())

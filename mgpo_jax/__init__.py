@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "mgpo_jax.optim.mgpo": ("MGPOState", "follow_schedule", "mgpo", "mgpo_adamw",
                            "mgpo_eval_params"),
+    "mgpo_jax.optim.lora_one": ("PreconditionLoraState", "lora_one_adamw", "lora_pairs",
+                               "precondition_lora"),
     "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),
@@ -28,7 +30,7 @@ _EXPORTS = {
                       "clear_perturbations", "frozen", "init_lora_params", "lora_labels",
                       "lora_modules", "merge_lora", "merge_lora_params", "perturbed",
                       "load_adapters", "save_adapters", "set_perturbations", "split_lora",
-                      "trainable"),
+                      "trainable", "kernel_gradients", "init_lora_one", "apply_lora_one"),
     "mgpo_jax.models": ("BertForSequenceClassification", "BertModel", "LlamaForCausalLM"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

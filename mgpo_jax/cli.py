@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
       continue
     optional = [a for a in typing.get_args(kind) if a is not type(None)]
     parse = {int: int, float: float}.get(optional[0] if len(optional) == 1 else kind, str)
-    ft.add_argument(flag(f.name), type=parse, default=argparse.SUPPRESS, help=text,
+    ft.add_argument(flag(f.name), *f.metadata.get("aliases", ()), type=parse,
+                    default=argparse.SUPPRESS, help=text,
                     metavar=f.name.upper())  # choices are checked by the config, in one line
   ft.add_argument("--compare", default=None, metavar="M1,M2,...",
                   help=f"run several methods ({', '.join(OPTIMIZERS)}) one after another with "

@@ -10,7 +10,7 @@ Importing this module does not import JAX: the builders import what they need wh
 
 Examples:
   >>> sorted(METHODS)
-  ['adamw', 'mgpo', 'sam']
+  ['adamw', 'lora-one', 'mgpo', 'sam']
   >>> METHODS["mgpo"].hyper["rho"].default
   0.05
 """
@@ -44,6 +44,12 @@ class Method:
     optimizer: ``optimizer(base, schedule=, lr=, **hyper) -> optax transform``, where
       ``base`` is the AdamW (with the learning-rate ``schedule`` peaking at ``lr``) that every
       method wraps.
+    lora_init: the adapter init the method needs (a ``LoraConfig.init`` name), or ``None``
+      for the user's ``--init``. The job runs the init's gradient-estimation phase on the
+      first training batches when the init needs one (``"lora-one"``).
+    precondition: the method puts LoRA-One's r×r preconditioner before Adam
+      (``optax.chain(precondition_lora(), base)``), as ``--precondition`` does for any method.
+    use_rslora: the method trains with rsLoRA's scaling ``alpha / sqrt(r)``.
   """
 
   name: str
@@ -51,6 +57,9 @@ class Method:
   reference: str
   hyper: Mapping[str, Hyper]
   optimizer: Callable[..., Any]
+  lora_init: str | None = None
+  precondition: bool = False
+  use_rslora: bool = False
 
   def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
     """The method's hyper-parameter values: ``given`` where not ``None``, else defaults."""
@@ -100,6 +109,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"rho": Hyper(0.003, "Flat-LoRA's best SAM radius on the adapters (arXiv 2409.14396)",
                          "perturbation radius")},
            _sam),
+    Method("lora-one", "LoRA-One: adapters start on the top-r singular subspace of the full "
+                       "gradient of the first 8 training examples (rsLoRA scaling), then AdamW "
+                       "on r×r preconditioned gradients (docs/lora_one.md)",
+           "Zhang et al., LoRA-One, ICML 2025 (arXiv 2502.01235)", {}, _adamw,
+           lora_init="lora-one", precondition=True, use_rslora=True),
 )}
 
 

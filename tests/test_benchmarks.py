@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
 
 from benchmarks import double_descent, overhead, quality  # noqa: E402
+from mgpo_jax.methods import METHODS  # noqa: E402
 
 
 def _bump_reference(losses, window):
@@ -53,7 +54,7 @@ def test_overhead_quick(tmp_path, capsys):
   assert json.loads(out.read_text())["settings"][0]["batch_size"] == 4
   (setting,) = results["settings"]
   methods = setting["methods"]
-  assert set(methods) == {"adamw", "mgpo", "sam"}
+  assert set(methods) == set(METHODS)  # every registered method, lora-one included
   for m in methods.values():
     assert len(m["step_s_all"]) == results["rounds"]
     assert all(t > 0 and math.isfinite(t) for t in m["step_s_all"])
@@ -102,3 +103,17 @@ def test_double_descent_quick(tmp_path):
     losses = [v for _, v in r["loss_curve"]]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert r["bump"] == pytest.approx(_bump_reference(losses, double_descent.SMOOTH)[1])
+
+
+@pytest.mark.slow
+def test_quick_runs_accept_lora_one(tmp_path):
+  """Quick-mode quality and double-descent runs take ``lora-one`` (its init's gradient phase
+  runs on the first training batches; the sharpness probe rebuilds the model with the data)."""
+  results = quality.main(["--quick", "--methods", "lora-one", "--out", str(tmp_path / "q.json"),
+                          "--plot", str(tmp_path / "q.png"), "--work-dir", str(tmp_path / "q")])
+  assert "lora-one" in results["summary"]
+  results = double_descent.main(["--quick", "--methods", "lora-one", "--out",
+                                 str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png"),
+                                 "--work-dir", str(tmp_path / "d")])
+  assert {r["method"] for r in results["runs"]} == {"lora-one"}
+  assert all(math.isfinite(v) for r in results["runs"] for _, v in r["loss_curve"])

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from mgpo_jax import cli
 from mgpo_jax.finetune import job
 from mgpo_jax.finetune.config import FinetuneConfig
+from mgpo_jax.lora import lora_modules
 
 TINY = dict(batch_size=4, seq_len=16, steps=6, eval_every=3, save_every=3, rank=2, alpha=4.0)
 
@@ -115,6 +116,84 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
   assert "adamw" in table and "mgpo" in table and "test acc" in table
 
 
+def _tiny_job():
+  """The benchmarks' tiny random BERT and random token data (fast runs)."""
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from benchmarks import _common
+
+  return _common.tiny_base_model, _common.random_data({"train": 32, "validation": 8,
+                                                       "test": 8}, TINY["seq_len"])
+
+
+@pytest.mark.slow
+def test_compare_adamw_lora_one(tmp_path, capsys):
+  """``--compare adamw,lora-one``: lora-one starts from the spectral init (rsLoRA, B ≠ 0, the
+  gradient taken on the first training batch) with the preconditioner in its optimizer, and
+  exports plain PEFT adapters."""
+  base_model, data = _tiny_job()
+  args = cli._parser().parse_args(["finetune", "--compare", "adamw,lora-one", "--run-dir",
+                                   str(tmp_path), "--steps", "2", "--eval-every", "2",
+                                   "--save-every", "2", "--batch-size", "4", "--seq-len", "16",
+                                   "--rank", "2"])
+  config = cli._config(args)
+  summaries = job.run_compare(config, config.parse_compare(args.compare), progress=False,
+                              data=data, base_model=base_model)
+  assert set(summaries) == {"adamw", "lora-one"}
+  meta = json.loads((tmp_path / "lora-one" / "adapters" / "adapter_config.json").read_text())
+  assert meta["use_rslora"] is True and meta["init_lora_weights"] is True
+  assert json.loads((tmp_path / "adamw" / "adapters" / "adapter_config.json").read_text())[
+      "use_rslora"] is False
+  config = config.replace(optimizer="lora-one")
+  model, lora = job.build_model(config, base_model(config), data=data)
+  layer = next(iter(lora_modules(model).values()))
+  assert lora.init == "lora-one" and lora.use_rslora and float(abs(layer.lora_b[...]).max()) > 0
+  tx_state = job.build_optimizer(config).init({"q": {"lora_a": np.ones((3, 2)),
+                                                     "lora_b": np.ones((2, 3))}})
+  assert "PreconditionLoraState" in repr(tx_state)
+  with pytest.raises(ValueError, match="needs the training data"):
+    job.build_model(config, base_model(config))
+
+
+def test_lora_one_flags_build_the_model_and_optimizer(tmp_path):
+  """``--init lora-one --precondition`` with MGPO, and ``--optimizer lora-one``: the flags
+  parse, the model starts from the spectral init, the preconditioner sits inside MGPO's
+  base."""
+  base_model, data = _tiny_job()
+  args = cli._parser().parse_args([
+      "finetune", "--optimizer", "mgpo", "--init", "lora-one", "--precondition",
+      "--init-examples", "4", "--run-dir", str(tmp_path), "--batch-size", "4", "--seq-len",
+      "16", "--rank", "2"])
+  config = cli._config(args)
+  assert (config.init_lora_weights, config.precondition, config.init_examples) == (
+      "lora-one", True, 4)
+  model, lora = job.build_model(config, base_model(config), data=data)
+  assert lora.init == "lora-one" and not lora.use_rslora  # --use-rslora is the user's here
+  assert all(float(abs(m.lora_b[...]).max()) > 0 for m in lora_modules(model).values())
+  params = {"q": {"lora_a": np.ones((3, 2), np.float32), "lora_b": np.ones((2, 3), np.float32)}}
+  state = repr(job.build_optimizer(config).init(params))
+  assert "MGPOState" in state and "PreconditionLoraState" in state
+  assert "PreconditionLoraState" not in repr(job.build_optimizer(
+      config.replace(precondition=False)).init(params))
+  config = config.replace(optimizer="lora-one", init_lora_weights="default")
+  assert config.parse_compare("adamw,lora-one") == ("adamw", "lora-one")
+  model, lora = job.build_model(config, base_model(config), data=data)
+  assert lora.init == "lora-one" and lora.use_rslora
+  assert "PreconditionLoraState" in repr(job.build_optimizer(config).init(params))
+  with pytest.raises(ValueError, match="needs the training data"):
+    job.build_model(config, base_model(config))
+
+
+@pytest.mark.slow
+def test_cli_compare_adamw_lora_one_minilm(tmp_path, small_data, monkeypatch, capsys):
+  """The command itself, on MiniLM: ``mgpo-jax finetune --compare adamw,lora-one``."""
+  monkeypatch.setattr(job, "load_data", lambda seq_len: small_data)
+  code = cli.main(["finetune", "--compare", "adamw,lora-one", "--run-dir", str(tmp_path),
+                   "--no-progress", "--batch-size", "4", "--seq-len", "16", "--steps", "2",
+                   "--eval-every", "2", "--save-every", "2", "--rank", "2"])
+  assert code == 0, capsys.readouterr().err
+  assert (tmp_path / "lora-one" / "adapters" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--optimizer", "lion"], ["--optimizer", "adamw, mgpo, sam", "lion"]),
     (["--seed", "100000000000000000000"], ["--seed", "4294967295"]),
@@ -129,6 +208,10 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
     (["--batch-size", "6", "--devices", "4"], ["--batch-size", "--devices"]),
     (["--sign", "2"], ["--sign", "+1, -1"]),
     (["--compare", "adamw,foo"], ["--compare", "foo"]),
+    (["--optimizer", "lora-one", "--init", "pissa"], ["--optimizer lora-one", "pissa"]),
+    (["--init", "svd"], ["--init-lora-weights", "lora-one"]),
+    (["--init-examples", "0"], ["--init-examples", "positive integer"]),
+    (["--precondition-damping", "0"], ["--precondition-damping", "> 0"]),
 ])
 def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
   assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), *args]) == 2

@@ -44,15 +44,27 @@ def test_unset_hyper_parameters_take_each_methods_default():
   assert METHODS["sam"].resolve({"rho": None}) == {"rho": 0.003}
 
 
+def test_lora_one_is_the_init_and_the_preconditioner():
+  method = METHODS["lora-one"]
+  assert method.lora_init == "lora-one" and method.precondition and method.use_rslora
+  assert FinetuneConfig().parse_compare("adamw,lora-one") == ("adamw", "lora-one")
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_builds_and_takes_a_finite_step(name):
   config = FinetuneConfig(optimizer=name, steps=10, lr=1e-2)
   tx = job.build_optimizer(config)
-  params = {"w": jax.random.normal(jax.random.key(0), (4,))}
-  loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)  # noqa: E731
+  key_w, key_a, key_b = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(key_w, (4,)),  # a head, and one LoRA module
+            "q": {"lora_a": jax.random.normal(key_a, (4, 2)),
+                  "lora_b": jax.random.normal(key_b, (2, 3))}}
+  target = jnp.arange(12.0).reshape(4, 3) / 10
+  loss = lambda p: (jnp.sum((p["w"] - 1.0) ** 2)  # noqa: E731
+                    + jnp.sum((p["q"]["lora_a"] @ p["q"]["lora_b"] - target) ** 2))
   state, new = tx.init(params), params
   for _ in range(3):  # the warm-up's first learning rate is 0
     updates, state = tx.update(jax.grad(loss)(new), state, new,
                                grad_fn=lambda p, _: jax.grad(loss)(p))
     new = optax.apply_updates(new, updates)
-  assert jnp.all(jnp.isfinite(new["w"])) and loss(new) < loss(params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+  assert loss(new) < loss(params)

@@ -141,6 +141,32 @@ def test_mgpo_jax_adapters_load_in_peft(tmp_path, cfg):
   np.testing.assert_allclose(merge_lora(model)(jnp.asarray(ids)), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_one_adapters_load_in_peft(tmp_path):
+  """Spectrally initialised adapters (W unchanged) are plain PEFT LoRA adapters."""
+  from mgpo_jax.lora import apply_lora_one
+
+  config = LoraConfig(target_modules="all-linear", r=2, alpha=16.0, use_rslora=True,
+                      init="lora-one")
+  rng = np.random.default_rng(5)
+  batches = [{"ids": jnp.asarray(rng.integers(0, V, size=(4, 5))),
+              "y": jnp.asarray(rng.integers(0, C, size=(4,)))} for _ in range(2)]
+
+  def loss(m, b):
+    logp = jax.nn.log_softmax(m(b["ids"]))
+    return -jnp.mean(jnp.take_along_axis(logp, b["y"][:, None], axis=1))
+
+  tm = _torch_base()
+  model = apply_lora_one(_nnx_from_torch(tm), config, loss, batches, rngs=nnx.Rngs(1))
+  ids = _ids()
+  expected = np.asarray(model(jnp.asarray(ids)))
+  assert np.max(np.abs(expected - _torch_out(tm, ids))) > 1e-3  # the init moved the outputs
+  save_adapters(tmp_path / "adapter", model, config)
+  meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert meta["init_lora_weights"] is True and meta["use_rslora"] is True
+  pm = peft.PeftModel.from_pretrained(_torch_base(), str(tmp_path / "adapter")).eval()
+  np.testing.assert_allclose(_torch_out(pm, ids), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_peft_adapters_load_in_mgpo_jax(tmp_path):
   torch.manual_seed(3)
   cfg = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "up"],

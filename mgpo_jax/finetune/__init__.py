@@ -16,9 +16,9 @@ from typing import Any
 
 from mgpo_jax.finetune.config import FinetuneConfig
 
-_JOB = ("LOG_EVERY", "UserError", "build_model", "build_optimizer", "evaluate", "export", "label_names",
-        "load_data", "model_path", "plot_curves", "read_metrics", "run", "run_compare",
-        "summary_table", "train")
+_JOB = ("LOG_EVERY", "UserError", "build_model", "build_optimizer", "evaluate", "export",
+        "label_names", "load_base", "load_data", "model_path", "plot_curves", "read_metrics",
+        "run", "run_compare", "summary_table", "train")
 __all__ = ["FinetuneConfig", *_JOB]
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from mgpo_jax.methods import METHODS
 
+INITS = ("default", "gaussian", "pissa", "lora-one")  # mgpo_jax.lora.init.INITS, without JAX
+
 OPTIMIZERS = tuple(METHODS)
 _MAX_SEED = 2**32 - 1  # jax.random.key takes a uint32 seed
 
@@ -75,8 +77,15 @@ class FinetuneConfig:
       "equals a name or ends with .name), all-linear, or re:REGEX (full match of the path)")
   use_rslora: bool = _field(False, "rank-stabilised scaling alpha/sqrt(r)")
   lora_dropout: float = _field(0.0, "dropout on the adapter input, in [0, 1)")
-  init_lora_weights: str = _field("default", "adapter init",
-                                  choices=("default", "gaussian", "pissa"))
+  init_lora_weights: str = _field(
+      "default", "adapter init (alias --init); lora-one: LoRA-One's spectral init from the full "
+      "gradient of the first --init-examples training examples (set by --optimizer lora-one)",
+      choices=INITS, aliases=("--init",))
+  init_examples: int = _field(8, "training examples whose mean full gradient the lora-one init "
+                                 "uses (the released default)")
+  precondition: bool = _field(False, "LoRA-One's r×r preconditioner of the adapter gradients "
+                                     "before Adam, with any method (on in lora-one)")
+  precondition_damping: float = _field(1e-6, "damping lambda of the r×r preconditioner")
   lr: float = _field(1e-3, "peak learning rate (linear warm-up, then cosine decay to 0)")
   weight_decay: float = _field(0.0, "AdamW weight decay")
   warmup_fraction: float = _field(0.03, "fraction of --steps spent in linear warm-up, in [0, 1)")
@@ -116,10 +125,16 @@ class FinetuneConfig:
         raise ValueError(f"{flag(f.name)} must be one of {choice_text(choices)}; "
                          f"got {getattr(self, f.name)!r}")
     for name in ("rank", "batch_size", "accum_steps", "seq_len", "steps", "eval_every",
-                 "save_every", "keep", "devices"):
+                 "save_every", "keep", "devices", "init_examples"):
       _positive_int(flag(name), getattr(self, name))
     _positive("--alpha", self.alpha)
     _positive("--lr", self.lr)
+    _positive("--precondition-damping", self.precondition_damping)
+    method = METHODS[self.optimizer]
+    if method.lora_init and self.init_lora_weights not in ("default", method.lora_init):
+      raise ValueError(f"--optimizer {self.optimizer} uses the {method.lora_init} init; "
+                       f"--init-lora-weights {self.init_lora_weights} conflicts with it (drop "
+                       "it, or use --optimizer adamw with --init and --precondition)")
     if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
             and 0 <= self.seed <= _MAX_SEED):
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")

@@ -37,13 +37,14 @@ from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iter
 from mgpo_jax.data_files import load_classification_files, load_text_files
 from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.finetune.config import FinetuneConfig
-from mgpo_jax.lora import LoraConfig, apply_lora, save_adapters
+from mgpo_jax.lora import LoraConfig, apply_lora, apply_lora_one, save_adapters
 from mgpo_jax.methods import METHODS
 from mgpo_jax.answers import exact_match_rate
 from mgpo_jax.generate import greedy_generate
 from mgpo_jax.lm_data import (decode_generated, encode_prompt_response, encode_prompts,
                               encode_texts, pad_token_id)
 from mgpo_jax.models import SUPPORTED, load_model, model_type
+from mgpo_jax.optim import precondition_lora
 from mgpo_jax.train import (Trainer, TrainState, causal_lm_loss, classification_loss,
                             clean_params, make_mesh)
 from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
@@ -62,12 +63,16 @@ class UserError(Exception):
 def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   """The method ``config.optimizer`` from the registry (:mod:`mgpo_jax.methods`), around
   AdamW with linear warm-up and cosine decay; unset hyper-parameters take the method's
-  defaults."""
+  defaults. With ``--precondition`` (or a method that asks for it) the AdamW every method
+  wraps is ``chain(precondition_lora(), adamw)``: inside MGPO, the preconditioner sees the
+  clean θ."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, warmup_steps=max(1, round(config.warmup_fraction * config.steps)),
       decay_steps=config.steps)
   adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
   method = METHODS[config.optimizer]
+  if config.precondition or method.precondition:  # before Adam, inside every method's base
+    adamw = optax.chain(precondition_lora(config.precondition_damping), adamw)
   hyper = method.resolve({k: getattr(config, k) for k in method.hyper})
   tx = method.optimizer(adamw, schedule=schedule, lr=config.lr, **hyper)
   if config.nonfinite == "skip":  # a step whose update is not finite leaves params and state
@@ -95,6 +100,10 @@ def model_path(config: FinetuneConfig) -> str:
   return str(folder)
 
 
+def _loss_fn(config: FinetuneConfig):
+  return causal_lm_loss if config.task == "causal-lm" else classification_loss
+
+
 def load_base(config: FinetuneConfig, num_labels: int = 2) -> nnx.Module:
   """The :func:`model_path` checkpoint as the model of ``config.task``, a classifier with a
   fresh ``num_labels``-way head (BERT pooling ``config.pooling``) or a causal LM."""
@@ -109,11 +118,16 @@ def load_base(config: FinetuneConfig, num_labels: int = 2) -> nnx.Module:
     raise ValueError(f"--model {path}: {err}") from err
 
 
-def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
-                num_labels: int = 2) -> tuple[nnx.Module, LoraConfig]:
-  """LoRA on ``config.target_modules`` of ``base`` (default: the :func:`model_path`
-  checkpoint with a fresh ``num_labels``-way head, pooling ``config.pooling``); the head is
-  trained in full (PEFT's ``modules_to_save``)."""
+def build_model(config: FinetuneConfig, base: nnx.Module | None = None, num_labels: int = 2,
+                *, data: dict | None = None, mesh: Any = None) -> tuple[nnx.Module, LoraConfig]:
+  """LoRA on ``config.target_modules`` of ``base`` (default: :func:`load_base`, with a fresh
+  ``num_labels``-way head for classification); a classifier's head is trained in full (PEFT's
+  ``modules_to_save``).
+
+  The init is the method's (:attr:`Method.lora_init`) or ``config.init_lora_weights``; for
+  ``"lora-one"`` the full gradients of the target kernels are first computed on the first
+  ``config.init_examples`` examples of the training batches (``data["train"]``, in the order
+  training sees them), on ``mesh`` if given. A method with ``use_rslora`` turns rsLoRA on."""
   model = base or load_base(config, num_labels)
   positions = _max_positions(model)
   if positions is not None and config.seq_len > positions:
@@ -122,11 +136,24 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None,
   targets = config.target_modules  # names, "all-linear", or "re:REGEX" (LoraConfig's regex)
   if isinstance(targets, str) and targets.startswith("re:"):
     targets = targets[3:]
+  method = METHODS[config.optimizer]
   lora = LoraConfig(target_modules=targets,
                     r=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                    use_rslora=config.use_rslora, init=config.init_lora_weights,
+                    use_rslora=config.use_rslora or method.use_rslora,
+                    init=method.lora_init or config.init_lora_weights,
                     modules_to_save=tuple(h for h in _HEADS if hasattr(model, h)))
-  apply_lora(model, lora, rngs=nnx.Rngs(params=config.seed + 2, dropout=config.seed + 3))
+  rngs = nnx.Rngs(params=config.seed + 2, dropout=config.seed + 3)
+  if lora.init != "lora-one":
+    apply_lora(model, lora, rngs=rngs)
+    return model, lora
+  if data is None:
+    raise ValueError("the lora-one init needs the training data: build_model(config, "
+                     "data=...) (finetune.run passes it)")
+  train = data["train"]
+  batches = batch_iterator({k: v for k, v in train.items() if k != "labels"}, train["labels"],
+                           config.batch_size, seed=config.seed)
+  apply_lora_one(model, lora, _loss_fn(config), batches, num_examples=config.init_examples,
+                 mesh=mesh, rngs=rngs)
   return model, lora
 
 
@@ -252,10 +279,10 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                        f"({len(data['train']['labels'])} examples)")
     labels = label_names(data)
-    model, lora = build_model(config, base_model(config) if base_model else None, len(labels))
     mesh = make_mesh(config.devices) if config.devices > 1 else None
-    loss_fn = causal_lm_loss if config.task == "causal-lm" else classification_loss
-    trainer = Trainer(model, build_optimizer(config), loss_fn, mesh=mesh,
+    model, lora = build_model(config, base_model(config) if base_model else None, len(labels),
+                              data=data, mesh=mesh)
+    trainer = Trainer(model, build_optimizer(config), _loss_fn(config), mesh=mesh,
                       accum_steps=config.accum_steps,
                       compute_dtype=None if config.compute_dtype == "float32" else
                       jnp.dtype(config.compute_dtype))

@@ -15,12 +15,15 @@ adapters ``A ∈ R^{n×r}``, ``B ∈ R^{r×m}``; its effective kernel is
 ``perturb``            :func:`set_perturbations`, :func:`clear_perturbations`, :func:`perturbed`
 ``pytree``             the linen / plain-pytree path: :func:`init_lora_params`, :func:`merge_lora_params`
 ``peft_io``            :func:`save_adapters`, :func:`load_adapters` in Hugging Face PEFT's layout
+``lora_one``           LoRA-One's spectral init: :func:`kernel_gradients`, :func:`init_lora_one`,
+                       :func:`apply_lora_one` (both phases)
 =====================  ==========================================================================
 """
 
 from mgpo_jax.lora.config import ALL_LINEAR, LoraConfig
 from mgpo_jax.lora.init import INITS
 from mgpo_jax.lora.layer import DenseNoise, LoraLinear, LowRank, Perturbation
+from mgpo_jax.lora.lora_one import apply_lora_one, init_lora_one, kernel_gradients
 from mgpo_jax.lora.merge import merge_lora
 from mgpo_jax.lora.peft_io import load_adapters, save_adapters
 from mgpo_jax.lora.perturb import clear_perturbations, perturbed, set_perturbations
@@ -50,4 +53,7 @@ __all__ = [
   "merge_lora_params",
   "save_adapters",
   "load_adapters",
+  "kernel_gradients",
+  "init_lora_one",
+  "apply_lora_one",
 ]

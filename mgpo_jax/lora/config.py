@@ -68,8 +68,10 @@ class LoraConfig:
    use_rslora: use ``s = alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
    init: how ``A, B`` start, one of :data:`~mgpo_jax.lora.init.INITS` (see
     :func:`~mgpo_jax.lora.init.init_factors`): ``"default"`` (PEFT's Kaiming-uniform
-    ``A``, ``B = 0``), ``"gaussian"`` (``A ~ N(0, 1/r²)``, ``B = 0``) or ``"pissa"``
-    (top-r SVD of ``W``, which is replaced by the residual).
+    ``A``, ``B = 0``), ``"gaussian"`` (``A ~ N(0, 1/r²)``, ``B = 0``), ``"pissa"``
+    (top-r SVD of ``W``, which is replaced by the residual) or ``"lora-one"`` (top-r SVD of
+    the negative full gradient of ``W``; made by :func:`~mgpo_jax.lora.apply_lora_one`,
+    which computes that gradient, and trained best with ``use_rslora=True``).
    modules_to_save: names (matched like ``target_modules`` names) of modules trained in
     full, e.g. ``("classifier",)``: their parameters become ``nnx.LoRAParam``, and no
     module in or under them gets an adapter.

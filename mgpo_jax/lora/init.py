@@ -6,10 +6,15 @@ For a frozen kernel ``W ∈ R^{n×m}`` (in, out), rank ``r`` and scaling ``s``:
   on the (r, n) PyTorch weight — and ``B = 0``;
 * ``"gaussian"``: ``A ~ N(0, std = 1/r)`` (PEFT's ``init_lora_weights="gaussian"``), ``B = 0``;
 * ``"pissa"`` (Meng et al. 2024, PiSSA): with ``W = U S Vᵀ``, ``A = U_r sqrt(S_r / s)``,
-  ``B = sqrt(S_r / s) V_rᵀ``, and ``W`` replaced by the residual ``W − s A B``.
+  ``B = sqrt(S_r / s) V_rᵀ``, and ``W`` replaced by the residual ``W − s A B``;
+* ``"lora-one"`` (Zhang et al. 2025, LoRA-One): the top-r singular subspace of the negative
+  full gradient of ``W``; it needs that gradient, so it is made by
+  :mod:`mgpo_jax.lora.lora_one` (:func:`~mgpo_jax.lora.lora_one.apply_lora_one`), not here.
 
 The first two start with ``s A B = 0``; PiSSA moves the top-r part of ``W`` into the
-adapters. Either way the model's function is unchanged (up to rounding for PiSSA).
+adapters. Either way the model's function is unchanged (up to rounding for PiSSA). LoRA-One
+leaves ``W`` as it is and starts with ``s A B ≠ 0``: one rank-r step along the negative
+gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["INITS", "init_factors"]
 
 #: The accepted values of ``LoraConfig.init``.
-INITS = ("default", "gaussian", "pissa")
+INITS = ("default", "gaussian", "pissa", "lora-one")
 
 
 def init_factors(
@@ -38,6 +43,12 @@ def init_factors(
   """
   n, m = w.shape
   r, dtype = config.r, w.dtype
+  if config.init == "lora-one":
+    raise ValueError(
+      "init='lora-one' needs the full gradient of each target kernel: use "
+      "mgpo_jax.lora.apply_lora_one(model, config, loss_fn, batches), or "
+      "kernel_gradients(...) then init_lora_one(...)"
+    )
   if config.init == "pissa":
     u, sv, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
     root = jnp.sqrt(sv[:r] / config.scaling)

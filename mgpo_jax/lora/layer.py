@@ -59,12 +59,14 @@ class LoraLinear(nnx.Module):
 
   Built from an existing ``nnx.Linear`` by :func:`apply_lora`; the frozen ``kernel`` and
   ``bias`` are the base module's own ``nnx.Param`` variables (same state paths), the adapters
-  ``lora_a`` (in, r) and ``lora_b`` (r, out) are ``nnx.LoRAParam``. ``perturbation`` (a
+  ``lora_a`` (in, r) and ``lora_b`` (r, out) are ``nnx.LoRAParam``, made by
+  :func:`~mgpo_jax.lora.init.init_factors` unless ``factors=(A, B)`` is given. ``perturbation`` (a
   :class:`Perturbation`) optionally adds a constant perturbation ``ε`` of the effective
   kernel for one step; no gradient flows through ``ε``.
   """
 
-  def __init__(self, base: nnx.Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+  def __init__(self, base: nnx.Linear, config: LoraConfig, *, rngs: nnx.Rngs,
+               factors: tuple[jax.Array, jax.Array] | None = None):
     self.in_features, self.out_features = base.in_features, base.out_features
     self.use_bias = base.use_bias
     self.dtype, self.param_dtype = base.dtype, base.param_dtype
@@ -75,7 +77,10 @@ class LoraLinear(nnx.Module):
     self.r = config.r
     self.scaling = config.scaling
 
-    a, b, residual = init_factors(rngs.params(), base.kernel[...], config)
+    if factors is None:
+      a, b, residual = init_factors(rngs.params(), base.kernel[...], config)
+    else:  # given factors (LoRA-One's spectral init); the kernel stays as it is
+      a, b, residual = factors[0], factors[1], None
     self.kernel = base.kernel
     if residual is not None:
       self.kernel.set_value(residual)

@@ -35,7 +35,9 @@ __all__ = ["save_adapters", "load_adapters", "CONFIG_NAME", "WEIGHTS_NAME"]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+# LoRA-One leaves W unchanged: its adapters are plain LoRA adapters (PEFT's default init, then
+# the saved A and B are loaded over it).
+_INIT_TO_PEFT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "lora-one": True}
 
 
 def _adapter_tensors(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:

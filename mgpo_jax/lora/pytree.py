@@ -29,6 +29,7 @@ def _kernels(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterato
 def _check_pytree_config(config: LoraConfig) -> None:
   unsupported = {
     "init='pissa'": config.init == "pissa",
+    "init='lora-one'": config.init == "lora-one",
     "dropout > 0": config.dropout > 0,
     "modules_to_save": bool(config.modules_to_save),
   }

@@ -9,6 +9,7 @@ makes the parameters of ``modules_to_save`` trainable. Everything trainable afte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,16 +45,27 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
   Raises:
    ValueError: the model already has LoRA modules; ``target_modules`` matches no linear
     module (the message lists the model's linear module paths); ``r > min(in, out)`` for
-    a matched module; a ``modules_to_save`` name matches no module.
+    a matched module; a ``modules_to_save`` name matches no module; ``init="lora-one"``
+    (it needs gradients: use :func:`~mgpo_jax.lora.apply_lora_one`).
   """
+  if config.init == "lora-one":
+    raise ValueError(
+      "apply_lora: init='lora-one' needs the full gradient of each target kernel; use "
+      "mgpo_jax.lora.apply_lora_one(model, config, loss_fn, batches), or "
+      "kernel_gradients(...) then init_lora_one(model, config, gradients)"
+    )
   return _apply(model, config, rngs, strict_modules_to_save=True)
 
 
 def _apply(
-  model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs, *, strict_modules_to_save: bool
+  model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs, *, strict_modules_to_save: bool,
+  factors: Callable[[str, nnx.Linear], tuple[jax.Array, jax.Array]] | None = None,
 ) -> nnx.Module:
   """:func:`apply_lora`; with ``strict_modules_to_save=False`` a ``modules_to_save`` name
-  that matches no module is ignored, as PEFT does when it loads an adapter."""
+  that matches no module is ignored, as PEFT does when it loads an adapter. ``factors(path,
+  linear)``, if given, makes each module's ``(A, B)`` (LoRA-One's spectral init); it is
+  called for every target before any module is replaced, so an error leaves ``model`` as
+  it was."""
   if lora_modules(model):
     raise ValueError("apply_lora: the model already has LoRA modules")
   modules = _graph.module_paths(model)
@@ -73,8 +85,9 @@ def _apply(
         f"r={config.r} exceeds min(in, out) = {min(m.in_features, m.out_features)} of "
         f"{_graph.dotted(p)!r} (in={m.in_features}, out={m.out_features})"
       )
+  made = {p: factors(_graph.dotted(p), m) for p, m in targets} if factors else {}
   for p, m in targets:
-    _graph.set_child(model, p, LoraLinear(m, config, rngs=rngs))
+    _graph.set_child(model, p, LoraLinear(m, config, rngs=rngs, factors=made.get(p)))
   for s in modules:
     if config.is_saved(s):
       _graph.retype(_graph.get(model, s), nnx.Param, nnx.LoRAParam)
