@@ -8,6 +8,7 @@ from mgpo_jax.models._hf import CheckpointMismatchError
 from mgpo_jax.models.auto import SUPPORTED, TASKS, load_model, model_type
 from mgpo_jax.models.bert import BertForSequenceClassification, BertModel
 from mgpo_jax.models.llama import KVCache, LlamaForCausalLM, LlamaForSequenceClassification
+from mgpo_jax.models.remat import set_remat
 
 __all__ = [
   "BertForSequenceClassification",
@@ -20,4 +21,5 @@ __all__ = [
   "TASKS",
   "load_model",
   "model_type",
+  "set_remat",
 ]

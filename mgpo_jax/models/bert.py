@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from mgpo_jax.models import _hf
+from mgpo_jax.models import remat as _remat
 
 if TYPE_CHECKING:
   from transformers import BertConfig
@@ -151,10 +152,11 @@ class BertEncoder(nnx.Module):
         for _ in range(config.num_hidden_layers)
       ]
     )
+    self.remat_policy: str | None = None  # mgpo_jax.models.remat.set_remat
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     for layer in self.layer:
-      x = layer(x, mask)
+      x = _remat.block(layer, self.remat_policy)(x, mask)
     return x
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from mgpo_jax.models import _hf
+from mgpo_jax.models import remat as _remat
 
 if TYPE_CHECKING:
   from transformers import LlamaConfig
@@ -161,6 +162,7 @@ class LlamaModel(nnx.Module):
     )
     self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
     self.num_kv_heads = config.num_key_value_heads
+    self.remat_policy: str | None = None  # mgpo_jax.models.remat.set_remat
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty :class:`KVCache` with ``max_len`` slots per row."""
@@ -196,7 +198,8 @@ class LlamaModel(nnx.Module):
     keys, values = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-      x, kv = layer(x, cos, sin, mask, layer_cache)
+      call = layer if cache is not None else _remat.block(layer, self.remat_policy)
+      x, kv = call(x, cos, sin, mask, layer_cache)
       if kv is not None:
         keys.append(kv[0])
         values.append(kv[1])

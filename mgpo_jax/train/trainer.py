@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mgpo_jax.optim import MGPOState, mgpo_eval_params
+from mgpo_jax.train import sharding as _sh
 
 DATA_AXIS = "data"
 
@@ -79,16 +80,25 @@ def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, Met
   return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D device mesh with axis ``"data"`` for data parallelism.
+def make_mesh(devices: int | Sequence[jax.Device] | None = None, *,
+              axes: str | Mapping[str, int] | None = None) -> Mesh:
+  """A device mesh: 1-D ``"data"`` for data parallelism, or named axes for sharded models.
 
   Args:
     devices: ``None`` for all devices (multi-host: every process's devices), a count ``n``
       for the first ``n`` of ``jax.devices()``, or explicit devices.
+    axes: e.g. ``"data=2,fsdp=4"`` or ``{"data": 2, "fsdp": 2, "tensor": 2}`` (axes
+      ``data``, ``fsdp``, ``tensor``; see :func:`mgpo_jax.train.sharding.parse_mesh`): a mesh
+      over the first ``prod(sizes)`` of ``devices``. ``None``: 1-D over all of ``devices``.
 
   Returns:
-    ``jax.make_mesh((n,), ("data",))`` with an automatically sharded (``AxisType.Auto``) axis.
+    ``jax.make_mesh`` with automatically sharded (``AxisType.Auto``) axes.
   """
+  if axes is not None:
+    if isinstance(devices, int):
+      raise ValueError(f"pass devices as None or a device list together with axes; got "
+                       f"devices={devices}")
+    return _sh.build_mesh(axes, devices)
   if devices is None:
     devices = jax.devices()
   elif isinstance(devices, int):
@@ -150,17 +160,32 @@ class Trainer:
     compute_dtype: e.g. ``jnp.bfloat16``: frozen weights are stored in it, and the forward
       pass runs in it (trainable params are cast, and every module's ``dtype`` attribute is
       set to it); trainable params, gradients and optimizer state stay float32.
-    mesh: a mesh with a ``"data"`` axis (:func:`make_mesh`): batches sharded on it, params
-      and optimizer state replicated. ``None``: the default device.
+    mesh: a mesh with a ``"data"`` axis and optionally ``"fsdp"`` / ``"tensor"`` axes
+      (:func:`make_mesh`): batches are split over ``data`` × ``fsdp``; frozen weights,
+      trainable params and optimizer state are placed by ``rules``. ``None``: one device.
+    rules: a :class:`~mgpo_jax.train.sharding.ShardingRules` (default
+      :data:`~mgpo_jax.train.sharding.DEFAULT_RULES`, the BERT and Llama tables); only used
+      with a mesh. On a 1-D ``data`` mesh everything is replicated.
+    remat: rematerialise each transformer block in the backward pass (``True``: policy
+      ``"nothing_saveable"``, or the name of a ``jax.checkpoint_policies`` policy); needs a
+      model with remat-capable blocks (the BERT and Llama ports). The model passed in is not
+      modified.
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation,
                loss_fn: LossFn = classification_loss, *, wrt: Any = nnx.LoRAParam,
-               accum_steps: int = 1, compute_dtype: Any = None, mesh: Mesh | None = None):
+               accum_steps: int = 1, compute_dtype: Any = None, mesh: Mesh | None = None,
+               rules: _sh.ShardingRules | None = None, remat: bool | str = False):
     if not isinstance(accum_steps, int) or accum_steps < 1:
       raise ValueError(f"accum_steps must be an integer >= 1; got {accum_steps!r}")
     if mesh is not None and DATA_AXIS not in mesh.axis_names:
       raise ValueError(f"mesh must have an axis named {DATA_AXIS!r}; got {mesh.axis_names}")
+    if rules is not None and not isinstance(rules, _sh.ShardingRules):
+      raise ValueError(f"rules must be a ShardingRules (e.g. sharding.DEFAULT_RULES) or None; "
+                       f"got {rules!r}")
+    if remat:
+      from mgpo_jax.models.remat import set_remat  # models import nothing from train
+      model = set_remat(nnx.clone(model), remat)
     self.graphdef, params, rest = nnx.split(model, wrt, ...)
     self._init_params = nnx.to_pure_dict(params)
     if not jax.tree.leaves(self._init_params):
@@ -168,17 +193,27 @@ class Trainer:
                        "pass the filter of the leaves to train")
     self.tx, self.loss_fn, self.mesh = optax.with_extra_args_support(tx), loss_fn, mesh
     self.accum_steps, self.compute_dtype = accum_steps, compute_dtype
-    self.num_devices = mesh.shape[DATA_AXIS] if mesh is not None else 1
+    self.num_devices = _sh.batch_size_divisor(mesh) if mesh is not None else 1
     self._streams = _rng_streams(rest)
     rest = _cast_floats(rest, compute_dtype)
+    self._state_sh = None  # init() leaves the state unplaced until this is set
     if mesh is None:
-      self.rest, shardings = rest, {}
+      self.rest, shardings, eval_shardings = rest, {}, {}
     else:
-      replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-      self.rest = jax.device_put(rest, replicated)
-      shardings = {"in_shardings": (replicated, replicated, data), "out_shardings": replicated}
+      self.rules = _sh.DEFAULT_RULES if rules is None else rules
+      rest_sh, self._params_sh = _sh.param_shardings(rest, self._init_params, mesh, self.rules)
+      # Leaf by leaf, each device receives only its shards (for checkpoints too big for one
+      # device, load them straight into these shardings: docs/training.md).
+      self.rest = jax.device_put(rest, rest_sh)
+      self._state_sh = _sh.state_shardings(jax.eval_shape(lambda: self.init(0)),
+                                           self._init_params, self._params_sh, mesh)
+      replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, _sh.batch_spec(mesh))
+      shardings = {"in_shardings": (self._state_sh, rest_sh, data),
+                   "out_shardings": (self._state_sh, replicated)}
+      eval_shardings = {"in_shardings": (self._state_sh, rest_sh, data),
+                        "out_shardings": replicated}
     self._train = jax.jit(self._train_step, **shardings)
-    self._eval = jax.jit(self._eval_step, **shardings)
+    self._eval = jax.jit(self._eval_step, **eval_shardings)
 
   # -- the step ------------------------------------------------------------------------------
 
@@ -231,31 +266,34 @@ class Trainer:
 
   def init(self, seed: int | jax.Array) -> TrainState:
     """The step-0 state: the model's trainable params, ``tx.init``, a base key from ``seed``
-    (an int or a PRNG key); replicated over the mesh."""
+    (an int or a PRNG key); placed on the mesh by the sharding rules (adapters follow their
+    base kernels, optimizer state follows the params, the rest replicated)."""
     key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       key = jax.random.key_data(key)
     params = self._init_params
     state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), key)
-    return state if self.mesh is None else jax.device_put(state, NamedSharding(self.mesh, P()))
+    return state if self._state_sh is None else jax.device_put(state, self._state_sh)
 
   def abstract_state(self) -> TrainState:
     """``jax.ShapeDtypeStruct`` tree of :meth:`init`'s result, with shardings (a restore
     target for orbax)."""
+    abstract = jax.eval_shape(lambda: self.init(0))
     if self.mesh is None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: single, abstract)
     else:
-      sharding = NamedSharding(self.mesh, P())
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        jax.eval_shape(lambda: self.init(0)))
+      shardings = self._state_sh
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shardings)
 
   def shard_batch(self, batch: Batch) -> Batch:
-    """Puts this process's rows of a batch on the mesh (``"data"``-sharded global arrays;
-    with several hosts, each passes its own rows). Without a mesh: ``jnp.asarray``."""
+    """Puts this process's rows of a batch on the mesh (global arrays split over ``data`` ×
+    ``fsdp``; with several hosts, each passes its own rows). Without a mesh: ``jnp.asarray``."""
     if self.mesh is None:
       return jax.tree.map(jnp.asarray, batch)
-    _check_batch(batch, self.num_devices // jax.process_count(), 1)
-    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    _check_batch(batch, max(1, self.num_devices // jax.process_count()), 1)
+    sharding = NamedSharding(self.mesh, _sh.batch_spec(self.mesh))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
   def lower(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
