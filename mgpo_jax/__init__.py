@@ -25,7 +25,7 @@ _EXPORTS = {
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),
     "mgpo_jax.train.checkpoint": ("CheckpointError", "Checkpointer"),
     "mgpo_jax.train": ("TrainState", "Trainer", "classification_loss", "clean_params",
-                       "make_mesh"),
+                       "make_mesh", "parse_mesh", "ShardingRules"),
     "mgpo_jax.lora": ("DenseNoise", "LoraConfig", "LoraLinear", "LowRank", "apply_lora",
                       "clear_perturbations", "frozen", "init_lora_params", "lora_labels",
                       "lora_modules", "merge_lora", "merge_lora_params", "perturbed",

@@ -2,6 +2,7 @@
 
 ``trainer``     :class:`Trainer` (split-once NNX train / eval steps), :class:`TrainState`
 ``losses``      :func:`causal_lm_loss`, :func:`perplexity`
+``sharding``    :class:`ShardingRules`, :func:`parse_mesh`: FSDP / tensor-parallel placement
 ``checkpoint``  :class:`Checkpointer` on orbax (imported on first use)
 """
 
@@ -12,9 +13,11 @@ from typing import Any
 from mgpo_jax.train.trainer import (DATA_AXIS, TrainState, Trainer, classification_loss,
                                     clean_params, make_mesh)
 from mgpo_jax.train.losses import causal_lm_loss, perplexity
+from mgpo_jax.train.sharding import DEFAULT_RULES, ShardingRules, parse_mesh
 
-__all__ = ["DATA_AXIS", "CheckpointError", "Checkpointer", "TrainState", "Trainer",
-           "causal_lm_loss", "classification_loss", "clean_params", "make_mesh", "perplexity"]
+__all__ = ["DATA_AXIS", "DEFAULT_RULES", "CheckpointError", "Checkpointer", "ShardingRules",
+           "TrainState", "Trainer", "causal_lm_loss", "classification_loss", "clean_params",
+           "make_mesh", "parse_mesh", "perplexity"]
 
 
 def __getattr__(name: str) -> Any:
