@@ -115,8 +115,8 @@ def test_rules_specs_and_table():
 # -- FSDP: memory and parity with one device --------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [
-  "mgpo", pytest.param("adamw", marks=pytest.mark.slow), pytest.param("sam", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["mgpo", pytest.param("adamw", marks=pytest.mark.slow),
+                                    pytest.param("sam", marks=pytest.mark.slow)])
 def test_fsdp_llama_matches_one_device(method):
   model = _llama()
   mesh = make_mesh(axes="data=2,fsdp=2")

@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "BERT_RULES", "DATA_AXIS", "DEFAULT_RULES", "FSDP_AXIS", "LLAMA_RULES",
-           "ShardingRules", "TENSOR_AXIS", "batch_size_divisor", "batch_spec", "build_mesh", "param_shardings",
-           "parse_mesh", "per_device_bytes", "state_shardings"]
+           "ShardingRules", "TENSOR_AXIS", "batch_size_divisor", "batch_spec", "build_mesh",
+           "param_shardings", "parse_mesh", "path_str", "per_device_bytes", "state_shardings"]
 
 DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
 AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
