@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as err:
     print(f"mgpo-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
-  _use_fake_cpu_devices(config.devices)
+  _use_fake_cpu_devices(config.device_count)
   from mgpo_jax import finetune  # heavy imports (jax, flax, transformers) only now
 
   try:

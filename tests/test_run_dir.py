@@ -267,3 +267,26 @@ def test_compare_follows_the_same_rule(tmp_path, data, capsys):
   job.run_compare(config, ("adamw", "sam"), overwrite=True, **kwargs)
   assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [
       ".mgpo-jax-run.json", "adamw", "compare.png", "config.json", "sam", "summary.json"]
+
+
+def test_mesh_and_remat_flags_give_the_unsharded_run(tmp_path, data):
+  """`--mesh data=2,fsdp=2 --remat` (the frozen base sharded, blocks rematerialised) trains
+  to the same metrics as one device."""
+  base = FinetuneConfig(**{**TINY, "steps": 3, "eval_every": 3, "save_every": 3},
+                        run_dir=str(tmp_path / "one"))
+  one = _run(base, data)
+  sharded = _run(base.replace(mesh="data=2,fsdp=2", remat=True, run_dir=str(tmp_path / "m")),
+                 data)
+  for key in ("val_loss", "val_accuracy", "test_loss"):
+    assert sharded[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--mesh", "data=2,pipe=2"], "--mesh"),
+    (["--mesh", "data=2", "--devices", "2"], "not both"),
+    (["--mesh", "data=2,fsdp=2", "--batch-size", "6"], "data x fsdp (4)"),
+])
+def test_bad_mesh_flags(tmp_path, capsys, args, needle):
+  assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), *args]) == 2
+  _one_line_error(capsys, needle)
+  assert not (tmp_path / "r").exists()

@@ -102,6 +102,11 @@ class FinetuneConfig:
   keep: int = _field(2, "checkpoints kept")
   seed: int = _field(0, "random seed (0 .. 2**32-1): init, dropout and data order")
   devices: int = _field(1, "data-parallel devices (on CPU, fake devices are created)")
+  mesh: str = _field("", "a device mesh with model axes instead of --devices, e.g. "
+                         "data=2,fsdp=4 or data=2,tensor=2: the frozen base is sharded "
+                         "(docs/training.md)")
+  remat: bool = _field(False, "rematerialise each transformer block in the backward pass "
+                              "(less activation memory, more compute)")
   compute_dtype: str = _field("float32", "forward/backward dtype; adapters, gradients and "
                                          "optimizer state stay float32",
                               choices=("float32", "bfloat16"))
@@ -146,7 +151,20 @@ class FinetuneConfig:
       raise ValueError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout}")
     if self.seq_len < 8:
       raise ValueError(f"--seq-len must be >= 8; got {self.seq_len}")
-    if self.batch_size % (self.devices * self.accum_steps):
+    if self.mesh:
+      from mgpo_jax.train.sharding import parse_mesh  # imports JAX's modules, starts nothing
+
+      try:
+        axes = parse_mesh(self.mesh)
+      except ValueError as err:
+        raise ValueError(f"--mesh: {err}") from err
+      if self.devices != 1:
+        raise ValueError("give --mesh or --devices, not both")
+      split = axes["data"] * axes.get("fsdp", 1)
+      if self.batch_size % (split * self.accum_steps):
+        raise ValueError(f"--batch-size ({self.batch_size}) must be divisible by the mesh's "
+                         f"data x fsdp ({split}) times --accum-steps ({self.accum_steps})")
+    elif self.batch_size % (self.devices * self.accum_steps):
       raise ValueError(f"--batch-size ({self.batch_size}) must be divisible by --devices "
                        f"({self.devices}) times --accum-steps ({self.accum_steps})")
     if not 0 <= self.warmup_fraction < 1:
@@ -181,6 +199,13 @@ class FinetuneConfig:
       raise ValueError("--text-column and --label-column must name columns")
     if not self.run_dir.strip():
       raise ValueError("--run-dir must name a directory; got ''")
+
+  @property
+  def device_count(self) -> int:
+    """The devices the run uses: the product of ``--mesh``'s axes, else ``--devices``."""
+    if not self.mesh:
+      return self.devices
+    return math.prod(int(part.split("=")[1]) for part in self.mesh.split(",") if part.strip())
 
   def differences(self, other: FinetuneConfig) -> list[str]:
     """``--flag value (saved: value)`` for each field that differs, ``run_dir`` aside."""

@@ -279,11 +279,12 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                        f"({len(data['train']['labels'])} examples)")
     labels = label_names(data)
-    mesh = make_mesh(config.devices) if config.devices > 1 else None
+    mesh = (make_mesh(axes=config.mesh) if config.mesh else
+            make_mesh(config.devices) if config.devices > 1 else None)
     model, lora = build_model(config, base_model(config) if base_model else None, len(labels),
                               data=data, mesh=mesh)
     trainer = Trainer(model, build_optimizer(config), _loss_fn(config), mesh=mesh,
-                      accum_steps=config.accum_steps,
+                      remat=config.remat, accum_steps=config.accum_steps,
                       compute_dtype=None if config.compute_dtype == "float32" else
                       jnp.dtype(config.compute_dtype))
     state = trainer.init(config.seed)
