@@ -9,7 +9,8 @@ kernel is::
 and it computes ``y = x W + s · ((dropout(x) A) B) [+ x ε] + b`` without forming ``W'``.
 ``ε`` is an optional perturbation of the effective kernel for one step (no gradient flows
 through it): :class:`LowRank` factors (adds ``(x U) V``) or :class:`DenseNoise` drawn inside
-the layer (adds ``x ε`` with ``ε_ij = σ_j z_ij``). Set it with
+the layer (``y = x (W + ε) + ...`` with ``ε_ij = σ_j z_ij``; the noisy kernel is
+rematerialised for the backward pass, never kept). Set it with
 :func:`~mgpo_jax.lora.perturb.set_perturbations`.
 """
 
@@ -24,7 +25,8 @@ from flax import nnx
 from mgpo_jax.lora.config import LoraConfig
 from mgpo_jax.lora.init import init_factors
 
-__all__ = ["LoraLinear", "LowRank", "DenseNoise", "Perturbation"]
+__all__ = ["LoraLinear", "LowRank", "DenseNoise", "Perturbation", "column_norms",
+           "standard_normal"]
 
 
 class LowRank(NamedTuple):
@@ -40,13 +42,36 @@ class LowRank(NamedTuple):
 class DenseNoise(NamedTuple):
   """Dense Gaussian perturbation ``ε_ij = σ_j z_ij`` drawn inside the layer.
 
-  ``z = jax.random.normal(key, (in, out), kernel dtype)``; ``col_scale`` is ``σ`` (out,),
-  one scale per output column (per output unit). The layer adds ``(x z) * σ``; ``z`` exists
-  only inside the forward pass and is regenerated from ``key`` (e.g. in the backward pass).
+  ``z = standard_normal(key, (in, out), kernel dtype)``; ``col_scale`` is ``σ`` (out,),
+  one scale per output column (per output unit). The layer computes ``x (W + z σ)`` in one
+  matmul; the noisy kernel exists only inside the forward pass and is regenerated from
+  ``key`` in the backward pass (``jax.checkpoint``), so no layer keeps an (in, out) buffer
+  alive between its forward and backward pass.
   """
 
   key: jax.Array
   col_scale: jax.Array
+
+
+def standard_normal(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
+  """The standard-normal draw ``z`` behind a :class:`DenseNoise` (exposed for tests)."""
+  return jax.random.normal(key, shape, dtype)
+
+
+def column_norms(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+  """``‖W'_{:,j}‖`` for every output column j of ``W' = W + s A B``, without forming W'.
+
+  ``‖W'_{:,j}‖² = ‖W_{:,j}‖² + 2 s (Wᵀ A)_{j,:} B_{:,j} + s² B_{:,j}ᵀ (AᵀA) B_{:,j}``,
+  in float32 (or the inputs' wider dtype); cost O(n m r), temporaries O(m r + r²).
+  """
+  dtype = jnp.result_type(jnp.float32, kernel.dtype, a.dtype, b.dtype)
+  w, a, b = kernel.astype(dtype), a.astype(dtype), b.astype(dtype)
+  sq = (
+    jnp.sum(w * w, axis=0)
+    + 2 * scaling * jnp.sum((w.T @ a) * b.T, axis=1)
+    + scaling * scaling * jnp.sum(b * ((a.T @ a) @ b), axis=0)
+  )
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 class Perturbation(nnx.Variable):
@@ -97,28 +122,28 @@ class LoraLinear(nnx.Module):
     kwargs = {"out_sharding": out_sharding}
     if self.preferred_element_type is not None:
       kwargs["preferred_element_type"] = self.preferred_element_type
-    y = self.dot_general(
-      inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-      **kwargs,
-    )
+    dims = (((inputs.ndim - 1,), (0,)), ((), ()))
+    p = self.perturbation.get_value()
+    if isinstance(p, DenseNoise):  # x (W + z σ): the noisy kernel is recomputed, never kept
+      key, scale = p.key, jax.lax.stop_gradient(p.col_scale)
+
+      @jax.checkpoint
+      def noisy_dot(x, w, key, scale):
+        noise = jax.lax.stop_gradient(standard_normal(key, w.shape, w.dtype))
+        w = w + noise * scale.astype(w.dtype)
+        return self.dot_general(x, w, dims, precision=self.precision, **kwargs)
+
+      y = noisy_dot(inputs, kernel, key, scale)
+    else:
+      y = self.dot_general(inputs, kernel, dims, precision=self.precision, **kwargs)
     mm = lambda p, q: jnp.matmul(p, q, precision=self.precision)  # noqa: E731
     y = y + self.scaling * mm(mm(self.dropout(inputs), a), b)
-    y = y + self._perturbation_term(inputs, kernel.dtype)
+    if isinstance(p, LowRank):
+      u, v = jax.lax.stop_gradient((p.u, p.v))
+      y = y + mm(mm(inputs, u.astype(inputs.dtype)), v.astype(inputs.dtype))
     if bias is not None:
       y = y + bias
     return y
-
-  def _perturbation_term(self, x: jax.Array, dtype) -> jax.Array | float:
-    p = self.perturbation.get_value()
-    if p is None:
-      return 0.0
-    mm = lambda p, q: jnp.matmul(p, q, precision=self.precision)  # noqa: E731
-    if isinstance(p, LowRank):
-      u, v = jax.lax.stop_gradient((p.u, p.v))
-      return mm(mm(x, u.astype(x.dtype)), v.astype(x.dtype))
-    z = jax.random.normal(p.key, (self.in_features, self.out_features), dtype)
-    scale = jax.lax.stop_gradient(p.col_scale).astype(x.dtype)
-    return mm(x, jax.lax.stop_gradient(z).astype(x.dtype)) * scale
 
   def delta_kernel(self) -> jax.Array:
     """``s A B`` (in, out), materialised: for merging and tests, not for the forward pass."""
@@ -130,10 +155,4 @@ class LoraLinear(nnx.Module):
     ``‖W'_{:,j}‖² = ‖W_{:,j}‖² + 2 s (Wᵀ A)_{j,:} B_{:,j} + s² B_{:,j}ᵀ (AᵀA) B_{:,j}``
     (Flat-LoRA's filter-wise noise scale, see docs/lora.md).
     """
-    w, a, b, s = self.kernel[...], self.lora_a[...], self.lora_b[...], self.scaling
-    sq = (
-      jnp.sum(w * w, axis=0)
-      + 2 * s * jnp.sum((w.T @ a) * b.T, axis=1)
-      + s * s * jnp.sum(b * ((a.T @ a) @ b), axis=0)
-    )
-    return jnp.sqrt(jnp.maximum(sq, 0.0))
+    return column_norms(self.kernel[...], self.lora_a[...], self.lora_b[...], self.scaling)
