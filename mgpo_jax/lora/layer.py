@@ -16,6 +16,7 @@ rematerialised for the backward pass, never kept). Set it with
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -44,34 +45,110 @@ class DenseNoise(NamedTuple):
 
   ``z = standard_normal(key, (in, out), kernel dtype)``; ``col_scale`` is ``σ`` (out,),
   one scale per output column (per output unit). The layer computes ``x (W + z σ)`` in one
-  matmul; the noisy kernel exists only inside the forward pass and is regenerated from
-  ``key`` in the backward pass (``jax.checkpoint``), so no layer keeps an (in, out) buffer
-  alive between its forward and backward pass.
+  matmul, accumulated over row blocks of the kernel: one block of the noisy kernel exists at
+  a time, in the forward pass and again (regenerated from ``key``, a custom VJP) in the
+  backward pass; no (in, out) buffer is kept.
   """
 
   key: jax.Array
   col_scale: jax.Array
 
 
+_BLOCK_ELEMENTS = 2**18  # the noise is drawn in row blocks of about this many elements
+
+
+def _row_block(n: int, m: int) -> int:
+  """Rows per block of an (n, m) draw: the largest divisor of n with rows·m ≤ 2^18 (≥ 1)."""
+  target = max(1, _BLOCK_ELEMENTS // m)
+  return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
+
+
+def _noise_block(key: jax.Array, i, shape: tuple[int, int], dtype, whole: bool) -> jax.Array:
+  """Block ``i`` of the draw: ``normal(key)`` for a draw in one block, else
+  ``normal(fold_in(key, i))``."""
+  return jax.random.normal(key if whole else jax.random.fold_in(key, i), shape, dtype)
+
+
 def standard_normal(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
-  """The standard-normal draw ``z`` behind a :class:`DenseNoise` (exposed for tests)."""
-  return jax.random.normal(key, shape, dtype)
+  """The standard-normal draw ``z`` (n, m) behind a :class:`DenseNoise` (exposed for tests).
+
+  ``jax.random.normal(key, (n, m), dtype)`` for a kernel of at most 2^18 elements; a larger
+  one is drawn in row blocks (about 2^18 elements each, :func:`_row_block` rows), block ``i``
+  being ``jax.random.normal(fold_in(key, i), (rows, m), dtype)``, so that the layer can
+  regenerate one block at a time."""
+  n, m = shape
+  rows = _row_block(n, m)
+  return jnp.concatenate([_noise_block(key, i, (rows, m), dtype, rows == n)
+                          for i in range(n // rows)])
 
 
 def column_norms(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
   """``‖W'_{:,j}‖`` for every output column j of ``W' = W + s A B``, without forming W'.
 
-  ``‖W'_{:,j}‖² = ‖W_{:,j}‖² + 2 s (Wᵀ A)_{j,:} B_{:,j} + s² B_{:,j}ᵀ (AᵀA) B_{:,j}``,
+  ``‖W'_{:,j}‖² = ‖W_{:,j}‖² + 2 s (Aᵀ W)_{:,j} · B_{:,j} + s² B_{:,j}ᵀ (AᵀA) B_{:,j}``,
   in float32 (or the inputs' wider dtype); cost O(n m r), temporaries O(m r + r²).
   """
   dtype = jnp.result_type(jnp.float32, kernel.dtype, a.dtype, b.dtype)
   w, a, b = kernel.astype(dtype), a.astype(dtype), b.astype(dtype)
   sq = (
     jnp.sum(w * w, axis=0)
-    + 2 * scaling * jnp.sum((w.T @ a) * b.T, axis=1)
+    + 2 * scaling * jnp.sum((a.T @ w) * b, axis=0)
     + scaling * scaling * jnp.sum(b * ((a.T @ a) @ b), axis=0)
   )
   return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def _noisy_matmul_impl(x, w, key, scale, precision):
+  """``x (W + z σ)``, accumulated over row blocks of W: one (rows, m) block of the noisy
+  kernel exists at a time."""
+  n, m = w.shape
+  rows = _row_block(n, m)
+  scale = scale.astype(w.dtype)
+
+  def block(acc, i):
+    w_i = jax.lax.dynamic_slice_in_dim(w, i * rows, rows, axis=0)
+    x_i = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=x.ndim - 1)
+    k_i = w_i + _noise_block(key, i, (rows, m), w.dtype, rows == n) * scale
+    return acc + jnp.matmul(x_i, k_i, precision=precision), None
+
+  y0 = jnp.zeros((*x.shape[:-1], m), jnp.result_type(x.dtype, w.dtype))
+  if rows == n:
+    return block(y0, 0)[0]
+  return jax.lax.scan(block, y0, jnp.arange(n // rows))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _noisy_matmul(x, w, key, scale, precision):
+  """``x (W + z σ)`` (contracting x's last axis). Forward and backward regenerate the noisy
+  kernel block by block from ``key`` instead of keeping it. No gradient flows to ``key`` or
+  ``σ``."""
+  return _noisy_matmul_impl(x, w, key, scale, precision)
+
+
+def _noisy_matmul_fwd(x, w, key, scale, precision):
+  return _noisy_matmul_impl(x, w, key, scale, precision), (x, w, key, scale)
+
+
+def _noisy_matmul_bwd(precision, residuals, g):
+  x, w, key, scale = residuals
+  n, m = w.shape
+  rows = _row_block(n, m)
+
+  def block(_, i):  # dx[..., rows of block i] = g (W_i + z_i σ)ᵀ
+    w_i = jax.lax.dynamic_slice_in_dim(w, i * rows, rows, axis=0)
+    k_i = w_i + _noise_block(key, i, (rows, m), w.dtype, rows == n) * scale.astype(w.dtype)
+    return None, jnp.matmul(g, k_i.T, precision=precision)
+
+  if rows == n:
+    dx = block(None, 0)[1]
+  else:
+    dx_blocks = jax.lax.scan(block, None, jnp.arange(n // rows))[1]  # (blocks, ..., rows)
+    dx = jnp.moveaxis(dx_blocks, 0, -2).reshape(x.shape)
+  dw = jnp.matmul(x.reshape(-1, n).T, g.reshape(-1, m), precision=precision)  # unused: DCE'd
+  return dx.astype(x.dtype), dw.astype(w.dtype), None, jnp.zeros_like(scale)
+
+
+_noisy_matmul.defvjp(_noisy_matmul_fwd, _noisy_matmul_bwd)
 
 
 class Perturbation(nnx.Variable):
@@ -125,15 +202,8 @@ class LoraLinear(nnx.Module):
     dims = (((inputs.ndim - 1,), (0,)), ((), ()))
     p = self.perturbation.get_value()
     if isinstance(p, DenseNoise):  # x (W + z σ): the noisy kernel is recomputed, never kept
-      key, scale = p.key, jax.lax.stop_gradient(p.col_scale)
-
-      @jax.checkpoint
-      def noisy_dot(x, w, key, scale):
-        noise = jax.lax.stop_gradient(standard_normal(key, w.shape, w.dtype))
-        w = w + noise * scale.astype(w.dtype)
-        return self.dot_general(x, w, dims, precision=self.precision, **kwargs)
-
-      y = noisy_dot(inputs, kernel, key, scale)
+      y = _noisy_matmul(inputs, kernel, p.key, jax.lax.stop_gradient(p.col_scale),
+                        self.precision)
     else:
       y = self.dot_general(inputs, kernel, dims, precision=self.precision, **kwargs)
     mm = lambda p, q: jnp.matmul(p, q, precision=self.precision)  # noqa: E731
