@@ -30,7 +30,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "mgpo+1": {"optimizer": "mgpo", "sign": 1.0},
     "mgpo-1": {"optimizer": "mgpo", "sign": -1.0},
     "sam": {"optimizer": "sam"},  # the registry's rho
+    "mgpo-code": {"optimizer": "mgpo-code"},  # the registry's defaults from here on
+    "flat-lora": {"optimizer": "flat-lora"},
+    "ggpo": {"optimizer": "ggpo"},
 }
+DEFAULT_METHODS = ("lora", "mgpo+1", "mgpo-1", "sam")  # the published run; others via --methods
 HESSIAN_BATCH = 16
 HESSIAN_ITERS = 10
 
@@ -46,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="validation examples used for curves and lr selection (fixed subset)")
   p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "quality.json")
   p.add_argument("--plot", type=pathlib.Path, default=_common.DOCS / "quality.png")
   p.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path("/tmp/mgpo_quality_runs"))

@@ -8,6 +8,7 @@ the kernels explicitly, take the gradient, un-perturb, step).
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from mgpo_jax.train import Trainer, classification_loss, make_mesh
 from tiny_nnx import tiny
 
 D, H, V, C, R = 8, 6, 11, 3, 2
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "weight_perturbation.md"
 Tiny = tiny(d=D, h=H, v=V, c=C)
 TARGETS = ("query", "value", "dense", "up")
 
@@ -350,6 +352,20 @@ def test_one_and_two_devices_agree():
   (_, one), (_, two) = _trainer("ggpo"), _trainer("ggpo", devices=2)
   _close((one.params, one.perturbation_state), (two.params, two.perturbation_state),
          rtol=1e-5, atol=1e-6)
+
+
+def test_the_docs_own_loop_recipe_runs():
+  text = DOCS.read_text()
+  code = text.split("### In your own jitted step")[1].split("```python")[1].split("```")[0]
+  model = _model()
+  loss_fn = lambda m, batch: classification_loss(m, batch)[0]  # noqa: E731
+  scope = {"model": model, "loss_fn": loss_fn}
+  exec(code, scope)  # noqa: S102 (the documented recipe, verbatim)
+  params, opt_state, wp_state = scope["params"], scope["opt_state"], scope["wp_state"]
+  for t, batch in enumerate(BATCHES[:2]):
+    params, opt_state, wp_state, value = scope["train_step"](
+        params, scope["rest"], opt_state, wp_state, batch, jax.random.key(t), t)
+  assert np.isfinite(float(value))
 
 
 # -- construction errors, registry, config -------------------------------------------------------
