@@ -86,7 +86,8 @@ def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
   from mgpo_jax.train import Trainer, classification_loss, clean_params
 
   model, _ = finetune.build_model(config, base_model(config) if base_model else None)
-  trainer = Trainer(model, finetune.build_optimizer(config))
+  trainer = Trainer(model, finetune.build_optimizer(config),
+                    perturbation=finetune.build_perturbation(config))  # the saved state's layout
   with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
     state, _ = ckpt.restore(trainer.abstract_state())
   graphdef = trainer.graphdef

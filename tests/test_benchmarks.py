@@ -95,7 +95,7 @@ def test_quality_quick(tmp_path):
     assert all(math.isfinite(r["top_hessian_eigenvalue"]) for r in runs)
 
 
-@pytest.mark.slow  # the weight-perturbation methods through the quick modes: about 60 s
+@pytest.mark.slow  # the weight-perturbation methods through both quick modes: minutes on 2 cores
 def test_quick_modes_take_the_weight_perturbation_methods(tmp_path):
   names = ["mgpo-code", "flat-lora", "ggpo"]
   results = double_descent.main(["--quick", "--methods", *names, "--out", str(tmp_path / "d.json"),
