@@ -124,7 +124,7 @@ def test_noise_is_the_references_scaling_of_the_draw(name):
   assert len({tuple(np.asarray(k).ravel()) for k in keys}) == len(keys)
 
 
-@pytest.mark.parametrize("name", ["flat-lora", "ggpo"])
+@pytest.mark.parametrize("name", ["flat-lora", pytest.param("ggpo", marks=pytest.mark.slow)])
 def test_noise_statistics_over_many_keys(name):
   model = _model(1)
   modules = lora_weights(model)
@@ -334,7 +334,8 @@ def test_same_noise_for_every_micro_batch(name):
   _close(whole.perturbation_state, micro.perturbation_state, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(WPS))
+@pytest.mark.parametrize("name", ["flat-lora", "mgpo-code",
+                                  pytest.param("ggpo", marks=pytest.mark.slow)])
 def test_resume_is_bit_identical(name, tmp_path):
   from mgpo_jax.train import Checkpointer
 
@@ -349,7 +350,8 @@ def test_resume_is_bit_identical(name, tmp_path):
 
 
 def test_one_and_two_devices_agree():
-  (_, one), (_, two) = _trainer("ggpo"), _trainer("ggpo", devices=2)
+  # Each device regenerates the same noise from the step's key (replicated, not sharded).
+  (_, one), (_, two) = _trainer("flat-lora"), _trainer("flat-lora", devices=2)
   _close((one.params, one.perturbation_state), (two.params, two.perturbation_state),
          rtol=1e-5, atol=1e-6)
 

@@ -214,7 +214,8 @@ class Trainer:
     """Loss of the train-mode model at ``params``, its LoRA kernels perturbed by ``eps``;
     every RNG stream reseeded from ``key``."""
     model = self._model(params, rest)
-    set_perturbations(model, eps)
+    if eps:
+      set_perturbations(model, eps)
     model.train()
     nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(self._streams)})
     return self.loss_fn(model, batch)
