@@ -33,8 +33,10 @@ from benchmarks import _common  # noqa: E402
 
 SMOOTH = 3
 METHODS = {"lora": {"optimizer": "adamw"}, "mgpo": {"optimizer": "mgpo", "sign": 1.0},
-           "lora-one": {"optimizer": "lora-one"}}
-DEFAULT_METHODS = ["lora", "mgpo"]  # lora-one on request (--methods)
+           "lora-one": {"optimizer": "lora-one"},
+           "mgpo-code": {"optimizer": "mgpo-code"}, "flat-lora": {"optimizer": "flat-lora"},
+           "ggpo": {"optimizer": "ggpo"}}
+DEFAULT_METHODS = ("lora", "mgpo")  # the published sweep; the others on request (--methods)
 
 
 def smooth(losses: Sequence[float], window: int = SMOOTH) -> np.ndarray:
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny random BERT and data, a few steps")
   p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 256])
-  p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
   p.add_argument("--lr", type=float, default=5e-3)
   p.add_argument("--steps", type=int, default=120)
   p.add_argument("--batch-size", type=int, default=16)
@@ -102,6 +104,7 @@ def _plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Trains every (rank, method); writes ``--out`` and ``--plot``; returns the results dict."""
   from mgpo_jax import finetune
+  from mgpo_jax.finetune import job as finetune_job
   from mgpo_jax.finetune.config import FinetuneConfig
 
   args = parse_args(argv)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "ranks": args.ranks, "alpha": "= r", "lr": args.lr,
                           "steps": args.steps, "batch_size": args.batch_size,
                           "seq_len": args.seq_len, "seed": args.seed, "smooth_window_logs":
-                          SMOOTH, "log_every_steps": finetune.LOG_EVERY,
+                          SMOOTH, "log_every_steps": finetune_job.LOG_EVERY,
                           "schedule": "3% linear warm-up, cosine decay to 0",
                           "methods": {m: METHODS[m] for m in args.methods}},
              "runs": runs, "seconds": time.perf_counter() - t_start}

@@ -1,15 +1,22 @@
 """Cost: per-step time, optimizer-state bytes and XLA buffer sizes of the MiniLM LoRA train step
-(r=8, alpha=16 on query/value, classifier head trained) with every registered method (AdamW,
-LoRA-MGPO, SAM, LoRA-One's preconditioned AdamW), and the one-off cost of LoRA-One's init.
+(r=8, alpha=16 on query/value, classifier head trained) with every registered method: AdamW,
+LoRA-MGPO (paper form and released code), SAM, Flat-LoRA, LoRA-GGPO and LoRA-One's
+preconditioned AdamW, and the one-off cost of LoRA-One's init.
 
-All train steps are compiled first; then rounds of ``adamw, mgpo, sam, adamw, mgpo, sam, ...``
+All train steps are compiled first; then rounds of ``adamw, mgpo, sam, ..., adamw, mgpo, ...``
 each time a few steps (``jax.block_until_ready``) in ONE process, so slow drifts of the machine
 hit every method alike. The ratio against AdamW is the median over rounds of the per-round
-ratio. Memory: the bytes of the optimizer-state leaves, and the compiled step's
+ratio. Memory: the bytes of the optimizer-state leaves (with a weight perturbation's state, as
+"opt-state B"), and the compiled step's
 ``memory_analysis()`` (argument, output and temporary buffers that XLA allocates for one step).
 
     .venv/bin/python benchmarks/overhead.py           # MiniLM, 16x64 and 32x128 (CPU: ~6 min)
     .venv/bin/python benchmarks/overhead.py --quick   # tiny random BERT, seconds
+    .venv/bin/python benchmarks/overhead.py --llama-memory  # XLA temp bytes only (see below)
+
+``--llama-memory`` compiles (does not run) the train step of a 1-layer random Llama (hidden
+1024, intermediate 2048, vocab 128) with LoRA r=8 on all its linear layers, batch 2 x 64, for
+every method, and prints XLA's argument and temp bytes next to the largest adapted kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--steps-per-round", type=int, default=2)
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "overhead.json")
+  p.add_argument("--llama-memory", action="store_true",
+                 help="only the compiled step's memory on a random hidden-1024 Llama")
   args = p.parse_args(argv)
   if args.quick:
     args.settings, args.rounds, args.steps_per_round = ["4x16"], 3, 2
@@ -85,7 +94,9 @@ def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
            "labels": rng.integers(0, 2, batch_size, dtype=np.int32)}
   trainers, states, out = {}, {}, {}
   for name in OPTIMIZERS:
-    trainer = Trainer(model, finetune.build_optimizer(config.replace(optimizer=name)))
+    method = config.replace(optimizer=name)
+    trainer = Trainer(model, finetune.build_optimizer(method),
+                      perturbation=finetune.build_perturbation(method))
     batch_dev = trainer.shard_batch(batch)
     state = trainer.init(0)
     t0 = time.perf_counter()
@@ -93,8 +104,9 @@ def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     state, m = step(state, trainer.rest, batch_dev)  # warm-up
     jax.block_until_ready((state, m))
-    out[name] = {"compile_s": compile_s, "opt_state_bytes": _common.tree_nbytes(state.opt_state),
-                 "opt_state_leaves": len(jax.tree.leaves(state.opt_state)),
+    opt_state = (state.opt_state, state.perturbation_state)
+    out[name] = {"compile_s": compile_s, "opt_state_bytes": _common.tree_nbytes(opt_state),
+                 "opt_state_leaves": len(jax.tree.leaves(opt_state)),
                  "xla_memory": memory}
     trainers[name], states[name] = (step, trainer.rest, batch_dev), state
   times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
@@ -152,9 +164,51 @@ def _lora_one_init_cost(args, config, batch, step_s: float) -> dict[str, Any]:
           "peak_bytes_before": peak_before, "peak_bytes_after": stats()}
 
 
+def llama_memory() -> dict[str, Any]:
+  """XLA memory of the train step of a random 1-layer Llama (hidden 1024) with adapters on all
+  linear layers, per method (compiled, not run)."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from transformers import LlamaConfig
+
+  from mgpo_jax import finetune
+  from mgpo_jax.finetune.config import FinetuneConfig
+  from mgpo_jax.lora import LoraConfig, apply_lora, lora_modules
+  from mgpo_jax.models import LlamaForCausalLM
+  from mgpo_jax.train import Trainer
+
+  def lm_loss(model, batch):
+    logits = model(batch["input_ids"]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                         batch["input_ids"][:, 1:])
+    return jnp.mean(ce), {"loss_sum": jnp.sum(ce), "count": jnp.asarray(ce.size, jnp.float32)}
+
+  llama = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=8, vocab_size=128)
+  model = LlamaForCausalLM(llama, rngs=nnx.Rngs(0))
+  apply_lora(model, LoraConfig(target_modules="all-linear", r=8, alpha=16.0), rngs=nnx.Rngs(1))
+  batch = {"input_ids": jnp.ones((2, 64), jnp.int32)}
+  largest = max(m.kernel[...].nbytes for m in lora_modules(model).values())
+  out = {"largest_kernel_bytes": largest, "methods": {}}
+  print(f"largest adapted kernel: {largest} B")
+  print(f"{'method':9s} {'XLA temp B':>12s} {'vs adamw':>10s} {'XLA arg B':>12s}")
+  for name in OPTIMIZERS:
+    config = FinetuneConfig(optimizer=name, steps=100)
+    trainer = Trainer(model, finetune.build_optimizer(config), lm_loss,
+                      perturbation=finetune.build_perturbation(config))
+    _, memory = _compile(trainer, trainer.init(0), batch)
+    out["methods"][name] = memory
+    extra = memory["temp"] - out["methods"][OPTIMIZERS[0]]["temp"]
+    print(f"{name:9s} {memory['temp']:>12d} {extra:>+10d} {memory['argument']:>12d}")
+  return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Measures every setting; writes ``--out`` (JSON) and returns the results dict."""
   args = parse_args(argv)
+  if args.llama_memory:
+    return llama_memory()
   info = _common.machine_info("overhead.py", argv)
   _common.print_machine(info)
   results = {"machine": info, "model": "tiny random BERT" if args.quick else "all-MiniLM-L6-v2",
@@ -165,11 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nbatch {batch_size} x seq {seq_len}: {r['trainable_params']} trainable params in "
           f"{r['lora_modules']} LoRA modules (+ head); {args.rounds} rounds x "
           f"{args.steps_per_round} steps")
-    print(f"{'method':8s} {'step ms':>9s} {'vs adamw':>9s} {'opt-state B':>12s} {'extra B':>9s} "
+    print(f"{'method':9s} {'step ms':>9s} {'vs adamw':>9s} {'opt-state B':>12s} {'extra B':>9s} "
           f"{'XLA temp B':>12s} {'XLA arg B':>12s}")
     for name, m in r["methods"].items():
       mem = m["xla_memory"] or {}
-      print(f"{name:8s} {1e3 * m['step_s_median']:>9.1f} {m['time_ratio_vs_adamw']:>9.3f} "
+      print(f"{name:9s} {1e3 * m['step_s_median']:>9.1f} {m['time_ratio_vs_adamw']:>9.3f} "
             f"{m['opt_state_bytes']:>12d} {m['opt_state_extra_bytes_vs_adamw']:>9d} "
             f"{mem.get('temp', -1):>12d} {mem.get('argument', -1):>12d}")
     init = r["lora_one_init"]

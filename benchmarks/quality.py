@@ -31,8 +31,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "mgpo-1": {"optimizer": "mgpo", "sign": -1.0},
     "sam": {"optimizer": "sam"},  # the registry's rho
     "lora-one": {"optimizer": "lora-one"},  # spectral init + r×r preconditioned AdamW
+    "mgpo-code": {"optimizer": "mgpo-code"},  # the registry's defaults from here on
+    "flat-lora": {"optimizer": "flat-lora"},
+    "ggpo": {"optimizer": "ggpo"},
 }
-DEFAULT_METHODS = ["lora", "mgpo+1", "mgpo-1", "sam"]  # lora-one on request (--methods)
+DEFAULT_METHODS = ("lora", "mgpo+1", "mgpo-1", "sam")  # the published run; others via --methods
 HESSIAN_BATCH = 16
 HESSIAN_ITERS = 10
 
@@ -48,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="validation examples used for curves and lr selection (fixed subset)")
   p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "quality.json")
   p.add_argument("--plot", type=pathlib.Path, default=_common.DOCS / "quality.png")
   p.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path("/tmp/mgpo_quality_runs"))
@@ -85,7 +88,8 @@ def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
 
   model, _ = finetune.build_model(config, base_model(config) if base_model else None,
                                   data=data)  # (lora-one's init needs it; then restored)
-  trainer = Trainer(model, finetune.build_optimizer(config))
+  trainer = Trainer(model, finetune.build_optimizer(config),
+                    perturbation=finetune.build_perturbation(config))  # the saved state's layout
   with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
     state, _ = ckpt.restore(trainer.abstract_state())
   graphdef = trainer.graphdef

@@ -1,7 +1,8 @@
 """mgpo-jax: flat-minima LoRA fine-tuning in JAX.
 
-LoRA-MGPO (momentum-guided perturbation) as an Optax transform, LoRA adapters for Flax NNX
-models, and a jitted data-parallel train step. The math is in ``docs/``.
+LoRA-MGPO (momentum-guided perturbation) as an Optax transform, weight-space perturbations
+(Flat-LoRA, LoRA-GGPO, the released-code LoRA-MGPO), LoRA adapters for Flax NNX models, and a
+jitted data-parallel train step. The math is in ``docs/``.
 
 The public names below are imported on first use, so ``import mgpo_jax`` is cheap and pulls
 in neither transformers, torch, orbax, matplotlib nor tqdm.
@@ -20,6 +21,9 @@ _EXPORTS = {
                            "mgpo_eval_params"),
     "mgpo_jax.optim.lora_one": ("PreconditionLoraState", "lora_one_adamw", "lora_pairs",
                                "precondition_lora"),
+    "mgpo_jax.perturbation": ("FlatLoraState", "GGPOState", "LoraWeights", "MGPOCodeState",
+                              "WeightPerturbation", "adapter_pairs", "cosine_ramp", "flat_lora",
+                              "ggpo", "lora_weights", "mgpo_code"),
     "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),

@@ -1,7 +1,8 @@
 """The registry of methods: the one place where a method's name maps to how it is built.
 
-Each :class:`Method` names its optax transform builder and its own hyper-parameters, each with
-its default and the source of that default. The command line's ``--optimizer`` and
+Each :class:`Method` names its optax transform builder, optionally a weight-perturbation builder
+(:mod:`mgpo_jax.perturbation`), and its own hyper-parameters, each with its default and the
+source of that default. The command line's ``--optimizer`` and
 ``--compare`` choices, their help text, the benchmarks and the method table in ``docs/``
 read this registry. Adding a method is one module (e.g. ``mgpo_jax/optim/<method>.py``) and
 one entry here.
@@ -10,7 +11,7 @@ Importing this module does not import JAX: the builders import what they need wh
 
 Examples:
   >>> sorted(METHODS)
-  ['adamw', 'lora-one', 'mgpo', 'sam']
+  ['adamw', 'flat-lora', 'ggpo', 'lora-one', 'mgpo', 'mgpo-code', 'sam']
   >>> METHODS["mgpo"].hyper["rho"].default
   0.05
 """
@@ -50,6 +51,9 @@ class Method:
     precondition: the method puts LoRA-One's r×r preconditioner before Adam
       (``optax.chain(precondition_lora(), base)``), as ``--precondition`` does for any method.
     use_rslora: the method trains with rsLoRA's scaling ``alpha / sqrt(r)``.
+    perturbation: ``None``, or ``perturbation(steps=, **hyper) -> WeightPerturbation``
+      (``steps``: the run's number of optimizer steps), passed to ``Trainer(...,
+      perturbation=...)``.
   """
 
   name: str
@@ -60,14 +64,15 @@ class Method:
   lora_init: str | None = None
   precondition: bool = False
   use_rslora: bool = False
+  perturbation: Callable[..., Any] | None = None
 
   def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
     """The method's hyper-parameter values: ``given`` where not ``None``, else defaults."""
     return {k: given[k] if given.get(k) is not None else h.default for k, h in self.hyper.items()}
 
 
-def _adamw(base, *, schedule, lr):
-  del schedule, lr
+def _adamw(base, *, schedule, lr, **hyper):
+  del schedule, lr, hyper  # the hyper-parameters of a weight perturbation, if any
   return base
 
 
@@ -85,6 +90,26 @@ def _sam(base, *, schedule, lr, rho):
 
   adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
   return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
+
+
+def _flat_lora(*, steps, sigma):
+  from mgpo_jax.perturbation import flat_lora
+
+  return flat_lora(sigma, total_steps=steps)
+
+
+def _ggpo(*, steps, sigma, beta):
+  from mgpo_jax.perturbation import ggpo
+
+  del steps  # the reconstruction's sigma is constant
+  return ggpo(sigma, beta)
+
+
+def _mgpo_code(*, steps, rho):
+  from mgpo_jax.perturbation import mgpo_code
+
+  del steps
+  return mgpo_code(rho)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -114,6 +139,28 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                        "on r×r preconditioned gradients (docs/lora_one.md)",
            "Zhang et al., LoRA-One, ICML 2025 (arXiv 2502.01235)", {}, _adamw,
            lora_init="lora-one", precondition=True, use_rslora=True),
+    Method("mgpo-code", "LoRA-MGPO as the authors released it: each LoRA kernel moved against "
+                        "its momentum image s(m_A B + A m_B), sized per module by an EMA of "
+                        "gradient norms (low rank, one gradient per step)",
+           "Chang et al., LoRA-MGPO, EMNLP 2025 Findings (arXiv 2502.14538), released code",
+           {"rho": Hyper(0.05, "MGPO paper, NLU setting (T5-base on GLUE)",
+                         "perturbation radius")},
+           _adamw, perturbation=_mgpo_code),
+    Method("flat-lora", "Flat-LoRA: filter-wise Gaussian noise on each LoRA kernel, scaled by "
+                        "its column norms, ramped in along a cosine (one gradient per step)",
+           "Li et al., Flat-LoRA, ICML 2025 (arXiv 2409.14396)",
+           {"sigma": Hyper(0.05, "Flat-LoRA paper (T5-base on GLUE, LLaMA-2-7B)",
+                           "weight-noise level")},
+           _adamw, perturbation=_flat_lora),
+    Method("ggpo", "LoRA-GGPO (reconstructed): Flat-LoRA's noise widened by the previous "
+                   "gradient's column norms (one gradient per step)",
+           "Chang et al., LoRA-GGPO (arXiv 2502.14538 v1); reconstruction, see "
+           "docs/weight_perturbation.md",
+           {"sigma": Hyper(0.03, "the GGPO reconstruction (docs/weight_perturbation.md)",
+                           "weight-noise level"),
+            "beta": Hyper(0.01, "the GGPO reconstruction (docs/weight_perturbation.md)",
+                          "weight of the gradient-norm term in the noise variance")},
+           _adamw, perturbation=_ggpo),
 )}
 
 

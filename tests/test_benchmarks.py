@@ -66,6 +66,10 @@ def test_overhead_quick(tmp_path, capsys):
   # MGPO adds O(1) (a few scalars, global scope); SAM in opaque mode adds a step counter.
   assert 0 < methods["mgpo"]["opt_state_extra_bytes_vs_adamw"] <= 64
   assert methods["sam"]["opt_state_extra_bytes_vs_adamw"] > 0
+  # Weight perturbations: nothing (Flat-LoRA), O(m) per module (GGPO), O(1) per module (MGPO).
+  assert methods["flat-lora"]["opt_state_extra_bytes_vs_adamw"] == 0
+  assert 0 < methods["mgpo-code"]["opt_state_extra_bytes_vs_adamw"] <= 8 * setting["lora_modules"]
+  assert 0 < methods["ggpo"]["opt_state_extra_bytes_vs_adamw"] < setting["trainable_bytes"]
   printed = capsys.readouterr().out
   assert "machine:" in printed and "versions:" in printed and "benchmarks/overhead.py" in printed
 
@@ -90,6 +94,20 @@ def test_quality_quick(tmp_path):
     assert summary["test_accuracy_mean"] == pytest.approx(np.mean(tests))
     assert summary["test_accuracy_std"] == pytest.approx(np.std(tests, ddof=1))
     assert all(math.isfinite(r["top_hessian_eigenvalue"]) for r in runs)
+
+
+@pytest.mark.slow  # the weight-perturbation methods through both quick modes: minutes on 2 cores
+def test_quick_modes_take_the_weight_perturbation_methods(tmp_path):
+  names = ["mgpo-code", "flat-lora", "ggpo"]
+  results = double_descent.main(["--quick", "--methods", *names, "--out", str(tmp_path / "d.json"),
+                                 "--plot", str(tmp_path / "d.png"),
+                                 "--work-dir", str(tmp_path / "dd")])
+  assert {r["method"] for r in results["runs"]} == set(names)
+  assert all(math.isfinite(v) for r in results["runs"] for _, v in r["loss_curve"])
+  results = quality.main(["--quick", "--methods", *names,
+                          "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png"),
+                          "--work-dir", str(tmp_path / "q")])
+  assert set(results["summary"]) == set(names)
 
 
 def test_double_descent_quick(tmp_path):

@@ -92,6 +92,8 @@ class FinetuneConfig:
   rho: float | None = _method_field("rho")
   sign: float | None = _method_field("sign")
   rho_schedule: str | None = _method_field("rho_schedule")
+  sigma: float | None = _method_field("sigma")
+  beta: float | None = _method_field("beta")
   batch_size: int = _field(16, "examples per optimizer step (over all devices)")
   accum_steps: int = _field(1, "micro-batches per step (gradient accumulation); divides "
                                "--batch-size")
@@ -143,8 +145,11 @@ class FinetuneConfig:
     if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
             and 0 <= self.seed <= _MAX_SEED):
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
-    if self.rho is not None and not (math.isfinite(self.rho) and self.rho >= 0):
-      raise ValueError(f"--rho must be a finite number >= 0; got {self.rho}")
+    for name in ("rho", "sigma", "beta"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                    and value >= 0):
+        raise ValueError(f"{flag(name)} must be a finite number >= 0; got {value}")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
     if not 0 <= self.lora_dropout < 1:

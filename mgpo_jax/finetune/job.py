@@ -80,6 +80,16 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   return tx
 
 
+def build_perturbation(config: FinetuneConfig) -> Any:
+  """The weight perturbation of ``config.optimizer`` (a
+  :class:`~mgpo_jax.perturbation.WeightPerturbation`), or ``None`` for a method without one."""
+  method = METHODS[config.optimizer]
+  if method.perturbation is None:
+    return None
+  hyper = method.resolve({k: getattr(config, k) for k in method.hyper})
+  return method.perturbation(steps=config.steps, **hyper)
+
+
 def model_path(config: FinetuneConfig) -> str:
   """The local checkpoint folder of the base model: ``--model``, else the embedded MiniLM.
   Checked without loading it: a local folder with a ``config.json`` (never a hub name)."""
@@ -246,9 +256,9 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
   """Trains ``config`` into ``config.run_dir``; returns the summary (also ``summary.json``).
 
   The steps, each a function of this module: check the run directory (writing nothing),
-  :func:`load_data`, :func:`build_model`, :func:`build_optimizer`, then — only once the inputs
-  have proved good — start the run directory, :func:`train`, and :func:`export` the adapters,
-  plot and summary.
+  :func:`load_data`, :func:`build_model`, :func:`build_optimizer`, :func:`build_perturbation`,
+  then — only once the inputs have proved good — start the run directory, :func:`train`, and
+  :func:`export` the adapters, plot and summary.
 
   Args:
     config: the run's configuration (validated here).
@@ -286,7 +296,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
     trainer = Trainer(model, build_optimizer(config), _loss_fn(config), mesh=mesh,
                       remat=config.remat, accum_steps=config.accum_steps,
                       compute_dtype=None if config.compute_dtype == "float32" else
-                      jnp.dtype(config.compute_dtype))
+                      jnp.dtype(config.compute_dtype),
+                      perturbation=build_perturbation(config))
     state = trainer.init(config.seed)
     if resume:
       run_dir_lib.remove_drafts(run_dir)

@@ -4,7 +4,10 @@ The model is split ONCE (``nnx.split(model, wrt, ...)``) into a graph definition
 trainable leaves and the rest (frozen weights, RNG streams); the steps are plain ``jax.jit``
 functions that ``nnx.merge`` the model inside the trace. Any optax transform works: AdamW,
 :func:`mgpo_jax.mgpo_adamw` (one forward/backward per step) and ``optax.contrib.sam`` in
-opaque mode (its second gradient comes through ``grad_fn``). Usage is in ``docs/training.md``.
+opaque mode (its second gradient comes through ``grad_fn``). A
+:class:`~mgpo_jax.perturbation.WeightPerturbation` (Flat-LoRA, LoRA-GGPO, released-code MGPO)
+perturbs the LoRA modules' effective kernels for each step's forward and backward pass.
+Usage is in ``docs/training.md``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mgpo_jax.lora import lora_modules, set_perturbations
 from mgpo_jax.optim import MGPOState, mgpo_eval_params
 from mgpo_jax.train import sharding as _sh
+from mgpo_jax.perturbation import WeightPerturbation, adapter_pairs, lora_weights
 
 DATA_AXIS = "data"
+_PERTURBATION_SALT = 2**31 - 1  # the step's perturbation key: fold_in(step key, this)
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -43,12 +49,15 @@ class TrainState(NamedTuple):
     opt_state: the optimizer state (optax ``NamedTuple`` types).
     rng: base PRNG key data (``uint32[2]``); step ``t`` draws dropout from
       ``fold_in(rng, t)``, so a resumed run repeats the uninterrupted run's masks.
+    perturbation_state: the weight perturbation's state (``optax.EmptyState()`` without
+      one), so checkpoints carry it.
   """
 
   step: jax.Array
   params: dict[str, Any]
   opt_state: optax.OptState
   rng: jax.Array
+  perturbation_state: Any = optax.EmptyState()
 
 
 def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, Metrics]:
@@ -170,12 +179,17 @@ class Trainer:
       ``"nothing_saveable"``, or the name of a ``jax.checkpoint_policies`` policy); needs a
       model with remat-capable blocks (the BERT and Llama ports). The model passed in is not
       modified.
+    perturbation: a :class:`~mgpo_jax.perturbation.WeightPerturbation` (e.g.
+      :func:`~mgpo_jax.perturbation.flat_lora`): each step's forward and backward pass see
+      every LoRA module's kernel perturbed (the same ε for all micro-batches, from the key
+      ``fold_in(step key, 2**31 - 1)``); evaluation and export never do.
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation,
                loss_fn: LossFn = classification_loss, *, wrt: Any = nnx.LoRAParam,
                accum_steps: int = 1, compute_dtype: Any = None, mesh: Mesh | None = None,
-               rules: _sh.ShardingRules | None = None, remat: bool | str = False):
+               rules: _sh.ShardingRules | None = None, remat: bool | str = False,
+               perturbation: WeightPerturbation | None = None):
     if not isinstance(accum_steps, int) or accum_steps < 1:
       raise ValueError(f"accum_steps must be an integer >= 1; got {accum_steps!r}")
     if mesh is not None and DATA_AXIS not in mesh.axis_names:
@@ -194,6 +208,13 @@ class Trainer:
     self.tx, self.loss_fn, self.mesh = optax.with_extra_args_support(tx), loss_fn, mesh
     self.accum_steps, self.compute_dtype = accum_steps, compute_dtype
     self.num_devices = _sh.batch_size_divisor(mesh) if mesh is not None else 1
+    if perturbation is not None and not isinstance(perturbation, WeightPerturbation):
+      raise ValueError("perturbation must be a WeightPerturbation (mgpo_jax.perturbation) or "
+                       f"None; got {perturbation!r}")
+    if perturbation is not None and not lora_modules(model):
+      raise ValueError("perturbation needs LoRA modules (mgpo_jax.lora.apply_lora); the model "
+                       "has none")
+    self.perturbation = perturbation
     self._streams = _rng_streams(rest)
     rest = _cast_floats(rest, compute_dtype)
     self._state_sh = None  # init() leaves the state unplaced until this is set
@@ -224,38 +245,52 @@ class Trainer:
       model.set_attributes(dtype=self.compute_dtype, raise_if_not_found=False)
     return model
 
-  def _loss(self, params, rest, batch, key):
-    """Loss of the train-mode model at ``params``; every RNG stream reseeded from ``key``."""
+  def _loss(self, params, rest, batch, key, eps):
+    """Loss of the train-mode model at ``params``, its LoRA kernels perturbed by ``eps``;
+    every RNG stream reseeded from ``key``."""
     model = self._model(params, rest)
+    if eps:
+      set_perturbations(model, eps)
     model.train()
     nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(self._streams)})
     return self.loss_fn(model, batch)
 
-  def _grads(self, params, rest, batch, key):
-    """``((mean loss, summed metrics), mean gradient)`` over ``accum_steps`` micro-batches."""
+  def _grads(self, params, rest, batch, key, eps):
+    """``((mean loss, summed metrics), mean gradient)`` over ``accum_steps`` micro-batches,
+    every one of them under the same perturbation ``eps``."""
     value_and_grad = jax.value_and_grad(self._loss, has_aux=True)
     k = self.accum_steps
     if k == 1:
-      return value_and_grad(params, rest, batch, key)
+      return value_and_grad(params, rest, batch, key, eps)
     micro = jax.tree.map(lambda x: x.reshape(-1, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def add(total, i_mb):
       i, mb = i_mb
-      out = value_and_grad(params, rest, mb, jax.random.fold_in(key, i))
+      out = value_and_grad(params, rest, mb, jax.random.fold_in(key, i), eps)
       return jax.tree.map(jnp.add, total, out), None
 
-    shapes = jax.eval_shape(value_and_grad, params, rest, jax.tree.map(lambda x: x[0], micro), key)
+    shapes = jax.eval_shape(value_and_grad, params, rest, jax.tree.map(lambda x: x[0], micro),
+                            key, eps)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     ((loss, metrics), grads), _ = jax.lax.scan(add, zeros, (jnp.arange(k), micro))
     return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
 
   def _train_step(self, state: TrainState, rest, batch) -> tuple[TrainState, Metrics]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, metrics), grads = self._grads(state.params, rest, batch, key)
-    sam_grad_fn = lambda p, _: self._grads(p, rest, batch, key)[1]  # noqa: E731 (SAM only)
+    wp, modules, eps = self.perturbation, {}, {}
+    if wp is not None:  # one ε per LoRA module for this step's forward/backward pass
+      modules = lora_weights(nnx.merge(self.graphdef, state.params, rest, copy=True))
+      eps = wp.perturbations(state.perturbation_state, modules, state.opt_state,
+                             jax.random.fold_in(key, _PERTURBATION_SALT), state.step)
+    (loss, metrics), grads = self._grads(state.params, rest, batch, key, eps)
+    sam_grad_fn = lambda p, _: self._grads(p, rest, batch, key, eps)[1]  # noqa: E731 (SAM)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(state.step + 1, params, opt_state, state.rng), {"loss": loss, **metrics}
+    wp_state = state.perturbation_state
+    if wp is not None:  # fold in what the step learned (e.g. gradient norms)
+      wp_state = wp.update(wp_state, modules, adapter_pairs(grads, list(modules)))
+    new = TrainState(state.step + 1, params, opt_state, state.rng, wp_state)
+    return new, {"loss": loss, **metrics}
 
   def _eval_step(self, state: TrainState, rest, batch) -> Metrics:
     model = self._model(clean_params(state), rest)
@@ -272,7 +307,11 @@ class Trainer:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       key = jax.random.key_data(key)
     params = self._init_params
-    state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), key)
+    wp_state = optax.EmptyState()
+    if self.perturbation is not None:
+      wp_state = self.perturbation.init(lora_weights(nnx.merge(self.graphdef, params, self.rest,
+                                                               copy=True)))
+    state = TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params), key, wp_state)
     return state if self._state_sh is None else jax.device_put(state, self._state_sh)
 
   def abstract_state(self) -> TrainState:
