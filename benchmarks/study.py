@@ -282,6 +282,7 @@ def one_run(args, ds: Dataset, variant: str, spec: dict[str, Any], lr: float, se
   """The result of one run: read from its file when present, else trained and written."""
   path = result_path(args.results, ds.name, variant, lr, seed)
   if path.exists():
+    print(f"{ds.name} {variant} lr {lr:g} seed {seed}: done ({path.name})", flush=True)
     return json.loads(path.read_text())
   run_dir = args.work_dir / ds.name / variant / f"lr{lr:g}_seed{seed}"
   print(f"[{time.strftime('%H:%M:%S')}] {ds.name} {variant} lr {lr:g} seed {seed}: training",
@@ -370,6 +371,10 @@ def phase_grid(args, info) -> None:
 def chosen_lrs(args, runs, dataset: str) -> dict[str, dict[str, Any]]:
   """Each variant's chosen rate on ``dataset`` (rho-sweep variants: their base's)."""
   specs, sweep_of = variants(args.rho_sweep)
+  for variant in sorted({r["variant"] for r in runs if r["dataset"] == dataset} - set(specs)):
+    if "-rho" in variant:  # a sweep variant of another --rho-sweep than this command's
+      sweep_of[variant] = variant.rsplit("-rho", 1)[0]
+    specs[variant] = {}
   out = {}
   for variant in specs:
     choice = choose_lr(runs, dataset, sweep_of.get(variant, variant), args.grid_seed)
@@ -499,8 +504,10 @@ def phase_report(args, info) -> str:
               "Learning-rate grid (seed 0, validation accuracy; **bold** = chosen):", "",
               "| variant | " + " | ".join(["rates tried: validation accuracy", "chosen",
                                            "at the grid's edge?"]) + " |", "|---|---|---|---|"]
+    grid_variants = {r["variant"] for r in runs
+                     if r["dataset"] == dataset and r["seed"] == args.grid_seed}
     for variant, choice in chosen.items():
-      if variant in summary or variant in {r["variant"] for r in runs}:
+      if variant in grid_variants and "-rho" not in variant:
         grid = ", ".join(f"**{k}: {v:.4f}**" if float(k) == choice["lr"] else f"{k}: {v:.4f}"
                          for k, v in choice["grid"].items())
         edge = f"yes: extend to {choice['extend']:g}" if choice["at_edge"] else "no"

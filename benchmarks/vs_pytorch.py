@@ -51,7 +51,14 @@ def _gelu_erf(x):
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
-GELU_FORMS = {"erfc": _gelu_erfc, "erf": _gelu_erf}
+def _gelu_tanh(x):
+  import jax
+
+  return jax.nn.gelu(x, approximate=True)
+
+
+# erfc and erf are exact (equal up to float32 rounding); tanh is NOT (a diagnostic only).
+GELU_FORMS = {"erfc": _gelu_erfc, "erf": _gelu_erf, "tanh": _gelu_tanh}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--gelu-forms", nargs="*", default=[], choices=sorted(GELU_FORMS),
                  help="also time mgpo-jax with each of these exact-GELU formulations (A/B in "
                       "the same rounds): erfc = jax.nn.gelu(approximate=False), erf = "
-                      "0.5 x (1 + erf(x / sqrt 2)) as HF and PyTorch write it")
+                      "0.5 x (1 + erf(x / sqrt 2)) as HF and PyTorch write it, tanh = the approximation "
+                      "(NOT the same model: a diagnostic of GELU's share)")
+  p.add_argument("--no-dropout-too", action="store_true",
+                 help="also time mgpo-jax with every dropout rate set to 0 (NOT the same step: "
+                      "a diagnostic of dropout's share)")
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "vs_pytorch.json")
   args = p.parse_args(argv)
   if args.quick:
@@ -107,7 +118,8 @@ def _tiny_checkpoint(folder: pathlib.Path) -> str:
   return str(folder)
 
 
-def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, gelu: str | None = None):
+def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, gelu: str | None = None,
+              dropout: bool = True):
   """The Trainer, state and device batch; ``gelu`` names a :data:`GELU_FORMS` entry that
   replaces the library's exact GELU in this model only (``None``: the library as it is)."""
   import contextlib
@@ -132,6 +144,12 @@ def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, gelu: str | 
                           batch_size=batch_size, seq_len=seq_len, steps=1000, pooling="cls")
   with patched():
     model, _ = finetune.build_model(config)
+  if not dropout:
+    from flax import nnx
+
+    for _, node in nnx.iter_graph(model):
+      if isinstance(node, nnx.Dropout):
+        node.rate = 0.0
   trainer = Trainer(model, finetune.build_optimizer(config))
   state = trainer.init(0)
   batch = trainer.shard_batch(batch)
@@ -169,6 +187,9 @@ def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) ->
   contenders = {"jax": _jax_step(model_dir, batch_size, seq_len, batch)}
   for form in args.gelu_forms:
     contenders[f"jax[gelu={form}]"] = _jax_step(model_dir, batch_size, seq_len, batch, form)
+  if args.no_dropout_too:
+    contenders["jax[no dropout]"] = _jax_step(model_dir, batch_size, seq_len, batch,
+                                              dropout=False)
   model, opt, tensors, attn = _torch_step(model_dir, batch)
   states = {name: c[1] for name, c in contenders.items()}
 
