@@ -568,9 +568,10 @@ def phase_estimate(args, info) -> dict[str, Any]:
     steps = args.epochs * math.ceil(ds.sizes["train"] / args.batch_size)
     short = min(args.estimate_steps, steps)
     run_dir = args.work_dir / "estimate" / ds.name
-    measured = train_and_measure(args, ds, specs[BASELINE], 1e-3, 0, run_dir,
+    short_args = argparse.Namespace(**{**vars(args), "evals": 1})  # validation at the end only
+    measured = train_and_measure(short_args, ds, specs[BASELINE], 1e-3, 0, run_dir,
                                  _base_model(args), steps=short)
-    config = run_config(args, ds, specs[BASELINE], 1e-3, 0, str(run_dir), short)
+    config = run_config(short_args, ds, specs[BASELINE], 1e-3, 0, str(run_dir), short)
     trainer, state = _common.restore_final(config, _base_model(args), ds.num_labels)
     batch = trainer.shard_batch({k: v[:args.batch_size] for k, v in ds.data["train"].items()})
     jax.block_until_ready(trainer.train_step(state, batch))  # compile (or cache hit)
@@ -586,7 +587,8 @@ def phase_estimate(args, info) -> dict[str, Any]:
     val_s = time.perf_counter() - t0
     test_s = val_s * ds.sizes["test"] / ds.sizes["validation"]
     timings = measured["timings"]
-    fixed = max(0.0, timings["train_s"] - short * step_s - val_s - test_s)  # compile, I/O
+    short_evals = len(measured["val_curve"])  # the short run's validation passes
+    fixed = max(0.0, timings["train_s"] - short * step_s - short_evals * val_s - test_s)
     post = timings["predict_s"] + timings["hessian_s"]
     evals = math.ceil(steps / math.ceil(steps / args.evals))
     shutil.rmtree(run_dir, ignore_errors=True)

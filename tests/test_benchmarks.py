@@ -239,3 +239,14 @@ def test_vs_pytorch_quick(tmp_path):
   assert s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["ratio_median"] > 0
   assert s["jax_tokens_per_s"] > 0 and s["torch_tokens_per_s"] > 0
   assert results["threads"]["torch_threads"] == results["threads"]["threads"]
+
+
+@pytest.mark.slow  # about 30 s on 2 shared cores: one quick run plus timings
+def test_study_estimate_quick(tmp_path, capsys):
+  out = study.main(["--estimate", "--quick", "--work-dir", str(tmp_path / "runs")])
+  (ds,) = out["datasets"].values()
+  assert ds["step_s"] > 0 and ds["steps_per_run"] == 6
+  # lora and mgpo: 2 grid rates + 1 more seed each.
+  assert {v: r["runs"] for v, r in ds["variants"].items()} == {"lora": 3, "mgpo": 3}
+  assert out["total_s"] == pytest.approx(sum(r["total_s"] for r in ds["variants"].values()))
+  assert "projected full plan" in capsys.readouterr().out
