@@ -14,8 +14,10 @@ a 2-way head), LoRA r = 8, alpha = 16 on query and value, the head trained in fu
 Both run in ONE process with the same thread budget (``torch.set_num_threads(N)`` and XLA's
 CPU intra-op threads, set through ``XLA_FLAGS`` before JAX is imported), after warm-up,
 interleaved: rounds of ``jax, torch`` each timing a few steps (``--gelu-forms`` adds mgpo-jax
-with another exact-GELU formulation to the same rounds: an A/B of our model code). Reported: the median over
-rounds of the per-round ratio jax / torch, and tokens (batch x sequence) per second.
+with another GELU formulation to the same rounds: an A/B of our model code). Reported: the
+median over rounds of the per-round ratio jax / torch, and tokens (batch x sequence) per
+second. On a machine shared with other jobs, ``--threads 1`` avoids PyTorch's OpenMP threads
+contending for oversubscribed cores.
 
     python benchmarks/vs_pytorch.py           # MiniLM at 16x64, 32x64, 32x128
     python benchmarks/vs_pytorch.py --quick   # a tiny random BERT, seconds
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--gelu-forms", nargs="*", default=[], choices=sorted(GELU_FORMS),
                  help="also time mgpo-jax with each of these exact-GELU formulations (A/B in "
                       "the same rounds): erfc = jax.nn.gelu(approximate=False), erf = "
-                      "0.5 x (1 + erf(x / sqrt 2)) as HF and PyTorch write it, tanh = the approximation "
+                      "0.5 x (1 + erf(x / sqrt 2)) as HF and PyTorch write it, tanh = the "
+                      "approximation "
                       "(NOT the same model: a diagnostic of GELU's share)")
   p.add_argument("--no-dropout-too", action="store_true",
                  help="also time mgpo-jax with every dropout rate set to 0 (NOT the same step: "
@@ -98,7 +101,8 @@ def set_threads(n: int) -> dict[str, Any]:
   jax_ready = "jax" in sys.modules
   if not jax_ready:
     flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'}"
+    eigen = "true" if n > 1 else "false"
+    os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={eigen}"
                                f" intra_op_parallelism_threads={n}").strip()
   import torch
 
