@@ -534,7 +534,7 @@ def phase_report(args, info) -> str:
           f"{'—' if f1 is None else _interval(f1)} | {est} | {np.mean(row['seconds']):.0f} |")
     png = args.report_dir / f"study_{dataset}.png"
     if summary:
-      plot_curves(summary, png, f"{dataset}: MiniLM LoRA r=8, mean and min-max over seeds at "
+      plot_curves(summary, png, f"{dataset}: LoRA r=8, mean and min-max over seeds at "
                                 f"each variant's chosen rate")
       lines += ["", f"![{dataset} curves]({png.name})"]
     lines.append("")
