@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark scripts: machine description, a tiny BERT for ``--quick``
-runs, the Hessian sharpness of a trained state, and small statistics helpers."""
+runs, the final state of a run, its predictions and Hessian sharpness, and small statistics
+helpers (mean ± std, macro-F1, the paired t-interval)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs"
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "transformers")
+_PACKAGES = ("mgpo-jax", "jax", "jaxlib", "flax", "optax", "numpy", "transformers", "torch", "peft")
 
 
 def enable_compilation_cache(path: str | os.PathLike = "/tmp/mgpo_jax_xla_cache") -> None:
@@ -109,3 +110,155 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
   a = np.asarray(values, dtype=np.float64)
   return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+# -- the final state of a fine-tune run: predictions and sharpness -----------------------------
+
+HESSIAN_BATCH = 16  # validation examples of the Hessian's loss
+HESSIAN_TOL = 1e-3  # relative change of the power-iteration estimate that counts as converged
+
+
+def restore_final(config, base_model=None, num_labels: int = 2, data=None):
+  """``(trainer, state)``: the Trainer of ``config``'s model and the state of the latest
+  checkpoint in ``config.run_dir`` (a run of :func:`mgpo_jax.finetune.run`); ``data`` for a
+  method whose init reads the training data (lora-one; the init is then overwritten)."""
+  from mgpo_jax import finetune
+  from mgpo_jax.train import Trainer
+  from mgpo_jax.train.checkpoint import Checkpointer
+
+  model, _ = finetune.build_model(config, base_model(config) if base_model else None,
+                                  num_labels, data=data)
+  trainer = Trainer(model, finetune.build_optimizer(config),
+                    perturbation=finetune.build_perturbation(config))  # the saved layout
+  with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
+    state, _ = ckpt.restore(trainer.abstract_state())
+  return trainer, state
+
+
+_JITTED: dict[Any, Any] = {}  # compiled once per process and model structure (graphdef)
+
+
+def _predict_fn():
+  if "predict" not in _JITTED:
+    import jax
+    from flax import nnx
+
+    def predict(graphdef, params, rest, batch):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      model.eval()
+      logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"])
+      return jax.numpy.argmax(logits, axis=-1)
+
+    _JITTED["predict"] = jax.jit(predict, static_argnums=0)
+  return _JITTED["predict"]
+
+
+def _eval_loss_fn(graphdef):
+  """The eval-mode loss of the model ``graphdef``: one function object per structure, so
+  :func:`mgpo_jax.analysis.top_hessian_eigenvalue` (jitted on it) compiles once per process."""
+  key = ("loss", graphdef)
+  if key not in _JITTED:
+    from flax import nnx
+
+    from mgpo_jax.train import classification_loss
+
+    def loss_fn(params, rest, b):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      model.eval()
+      return classification_loss(model, b)[0]
+
+    _JITTED[key] = loss_fn
+  return _JITTED[key]
+
+
+def predictions(trainer, state, split: dict[str, np.ndarray], batch_size: int = 128) -> np.ndarray:
+  """The argmax class of every example of ``split`` (eval mode, clean params), in order."""
+  import jax
+
+  from mgpo_jax.data import eval_batch_iterator
+  from mgpo_jax.train import clean_params
+
+  predict = _predict_fn()
+  params = clean_params(state)
+  arrays = {k: v for k, v in split.items() if k != "labels"}
+  n = len(split["labels"])
+  out = [predict(trainer.graphdef, params, trainer.rest, {k: b[k] for k in arrays})
+         for b in eval_batch_iterator(arrays, split["labels"], min(batch_size, n))]
+  return np.concatenate(jax.device_get(out))[:n]
+
+
+def sharpness(trainer, state, split: dict[str, np.ndarray], *, iters: int = 20,
+              batch: int = HESSIAN_BATCH, tol: float = HESSIAN_TOL) -> dict[str, Any]:
+  """Top Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of ``split``,
+  w.r.t. the trainable params, at the clean params of ``state``.
+
+  Power iteration (:func:`mgpo_jax.analysis.top_hessian_eigenvalue`) stops once the estimate
+  changes by at most ``tol`` (relative) or after ``iters`` Hessian-vector products. To tell
+  which, it is run again with ``2 * iters``: the loop is deterministic, so the same value means
+  it stopped on the tolerance within ``iters`` products (``converged``)."""
+  import jax
+
+  from mgpo_jax.analysis import top_hessian_eigenvalue
+  from mgpo_jax.train import clean_params
+
+  loss_fn = _eval_loss_fn(trainer.graphdef)
+  b = {k: jax.numpy.asarray(v[:batch]) for k, v in split.items()}
+  params = clean_params(state)
+  values = [float(top_hessian_eigenvalue(loss_fn, params, trainer.rest, b, key=jax.random.key(0),
+                                         num_iters=n, tol=tol)) for n in (iters, 2 * iters)]
+  return {"value": values[0], "converged": values[0] == values[1], "max_iters": iters,
+          "value_2x_iters": values[1], "tol": tol, "batch": len(b["labels"]), "key": 0}
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int | None = None) -> float:
+  """The unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN): over the classes that
+  occur in ``labels`` or ``predicted`` (scikit-learn's ``f1_score(average="macro")``), or over
+  ``0 .. num_classes - 1`` when given (a class with no example and no prediction scores 0)."""
+  labels, predicted = np.asarray(labels), np.asarray(predicted)
+  classes = np.union1d(labels, predicted) if num_classes is None else np.arange(num_classes)
+  scores = []
+  for c in classes:
+    tp = np.sum((predicted == c) & (labels == c))
+    fp = np.sum((predicted == c) & (labels != c))
+    fn = np.sum((predicted != c) & (labels == c))
+    scores.append(2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0)
+  return float(np.mean(scores))
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
+         2.262157, 2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905,
+         2.109816, 2.100922, 2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899,
+         2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+
+
+def t_quantile_975(df: int) -> float:
+  """Student's t 0.975 quantile (a table up to 30 degrees of freedom, then the Cornish-Fisher
+  expansion, within 1e-5 of the exact value there)."""
+  if df < 1:
+    raise ValueError(f"degrees of freedom must be >= 1; got {df}")
+  if df <= len(_T975):
+    return _T975[df - 1]
+  z = 1.959963985
+  return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+          + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def paired_t_interval(a: list[float], b: list[float]) -> dict[str, Any]:
+  """The mean of the paired differences ``a_i - b_i`` and its 95% t-interval,
+  ``mean ± t_{0.975, n-1} · sd / sqrt(n)`` (sd with ddof = 1); ``established`` when the
+  interval excludes 0. With one pair the interval is undefined (``None``)."""
+  d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+  if d.ndim != 1 or d.size == 0:
+    raise ValueError("paired_t_interval needs two equally long, non-empty lists")
+  mean = float(d.mean())
+  if d.size < 2:
+    return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None, "established": False}
+  sd = float(d.std(ddof=1))
+  half = t_quantile_975(d.size - 1) * sd / np.sqrt(d.size)
+  low, high = mean - half, mean + half
+  return {"n": int(d.size), "mean": mean, "sd": sd, "low": float(low), "high": float(high),
+          "established": bool(low > 0 or high < 0)}

@@ -77,32 +77,11 @@ def _data(args: argparse.Namespace) -> dict[str, dict]:
 
 def _sharpness(config, data: dict[str, dict], base_model=None) -> float:
   """Top Hessian eigenvalue of the eval-mode loss on the first validation examples, w.r.t. the
-  trainable params, at the clean params of the run's final checkpoint."""
-  import jax
-  from flax import nnx
-
-  from mgpo_jax import finetune
-  from mgpo_jax.analysis import top_hessian_eigenvalue
-  from mgpo_jax.train.checkpoint import Checkpointer
-  from mgpo_jax.train import Trainer, classification_loss, clean_params
-
-  model, _ = finetune.build_model(config, base_model(config) if base_model else None,
-                                  data=data)  # (lora-one's init needs it; then restored)
-  trainer = Trainer(model, finetune.build_optimizer(config),
-                    perturbation=finetune.build_perturbation(config))  # the saved state's layout
-  with Checkpointer(pathlib.Path(config.run_dir) / "checkpoints") as ckpt:
-    state, _ = ckpt.restore(trainer.abstract_state())
-  graphdef = trainer.graphdef
-
-  def loss_fn(params, rest, batch):
-    model = nnx.merge(graphdef, params, rest, copy=True)
-    model.eval()
-    return classification_loss(model, batch)[0]
-
-  batch = {k: jax.numpy.asarray(v[:HESSIAN_BATCH]) for k, v in data["validation"].items()}
-  value = top_hessian_eigenvalue(loss_fn, clean_params(state), trainer.rest, batch,
-                                 key=jax.random.key(0), num_iters=HESSIAN_ITERS, tol=1e-3)
-  return float(value)
+  trainable params, at the clean params of the run's final checkpoint
+  (:func:`benchmarks._common.sharpness`)."""
+  trainer, state = _common.restore_final(config, base_model, data=data)
+  return _common.sharpness(trainer, state, data["validation"], iters=HESSIAN_ITERS,
+                           batch=HESSIAN_BATCH, tol=1e-3)["value"]
 
 
 def _one_run(args, data, method: str, lr: float, seed: int, base_model=None) -> dict[str, Any]:

