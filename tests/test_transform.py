@@ -3,6 +3,7 @@
 import doctest
 import pathlib
 import re
+import sys
 
 import chex
 import jax
@@ -551,5 +552,6 @@ def test_docs_training_loop_runs():
 
 
 def test_docstring_examples():
-  result = doctest.testmod(mgpo_jax.optim.mgpo, optionflags=doctest.ELLIPSIS)
+  module = sys.modules["mgpo_jax.optim.mgpo"]  # the attribute is the mgpo function
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
