@@ -1,5 +1,6 @@
 """Loss functions in the :data:`~mgpo_jax.train.trainer.LossFn` convention
-(``loss_fn(model, batch) -> (mean loss, summed metrics)``) beyond ``classification_loss``."""
+(``loss_fn(model, batch) -> (mean loss, summed metrics)``): sequence classification and
+causal language modelling, both weighted cross-entropies with summed metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,42 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["causal_lm_loss", "perplexity"]
+__all__ = ["causal_lm_loss", "classification_loss", "perplexity"]
+
+
+def _weighted_cross_entropy(logits: jax.Array, targets: jax.Array,
+                            w: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``(Σ w CE / Σ w, {"loss_sum", "correct", "count"})`` (the loss is 0 when ``Σ w = 0``)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  count = jnp.sum(w)
+  loss_sum = jnp.sum(w * ce)
+  correct = jnp.sum(w * (jnp.argmax(logits, axis=-1) == targets))
+  loss = loss_sum / jnp.where(count > 0, count, 1.0)
+  return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def classification_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Softmax cross-entropy of a sequence classifier, with accuracy.
+
+  ``model(input_ids, attention_mask=..., token_type_ids=...)`` gives logits ``(B, C)``;
+  ``attention_mask`` and ``token_type_ids`` are passed when the batch has them. An optional
+  per-example ``batch["mask"]`` (weights, e.g. 0 on padding rows) weights every term.
+
+    loss = Σ_i w_i CE(logits_i, y_i) / Σ_i w_i       (0 when Σ w = 0)
+
+  Args:
+    model: the classifier (train or eval mode is set by the caller).
+    batch: ``input_ids``, ``labels`` (int), optional ``attention_mask``, ``token_type_ids``,
+      ``mask``.
+
+  Returns:
+    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``.
+  """
+  kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+  logits = model(batch["input_ids"], **kwargs).astype(jnp.float32)
+  labels = batch["labels"]
+  w = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape)
+  return _weighted_cross_entropy(logits, labels, w)
 
 
 def causal_lm_loss(
@@ -51,13 +87,7 @@ def causal_lm_loss(
   w = w[:, 1:].astype(jnp.float32)
   if "mask" in batch:
     w = w * batch["mask"].astype(jnp.float32)[:, None]
-  targets = ids[:, 1:]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  count = jnp.sum(w)
-  loss_sum = jnp.sum(w * ce)
-  correct = jnp.sum(w * (jnp.argmax(logits, axis=-1) == targets))
-  loss = loss_sum / jnp.where(count > 0, count, 1.0)
-  return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
+  return _weighted_cross_entropy(logits, ids[:, 1:], w)
 
 
 def perplexity(metrics: Mapping[str, float]) -> float:

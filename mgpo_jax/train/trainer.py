@@ -24,8 +24,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mgpo_jax.lora import lora_modules, set_perturbations
 from mgpo_jax.optim import MGPOState, mgpo_eval_params
-from mgpo_jax.train import sharding as _sh
 from mgpo_jax.perturbation import WeightPerturbation, adapter_pairs, lora_weights
+from mgpo_jax.train import sharding as _sh
+from mgpo_jax.train.losses import classification_loss
 
 DATA_AXIS = "data"
 _PERTURBATION_SALT = 2**31 - 1  # the step's perturbation key: fold_in(step key, this)
@@ -58,35 +59,6 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
   rng: jax.Array
   perturbation_state: Any = optax.EmptyState()
-
-
-def classification_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, Metrics]:
-  """Softmax cross-entropy of a sequence classifier, with accuracy.
-
-  ``model(input_ids, attention_mask=..., token_type_ids=...)`` gives logits ``(B, C)``;
-  ``attention_mask`` and ``token_type_ids`` are passed when the batch has them. An optional
-  per-example ``batch["mask"]`` (weights, e.g. 0 on padding rows) weights every term.
-
-    loss = Σ_i w_i CE(logits_i, y_i) / Σ_i w_i       (0 when Σ w = 0)
-
-  Args:
-    model: the classifier (train or eval mode is set by the caller).
-    batch: ``input_ids``, ``labels`` (int), optional ``attention_mask``, ``token_type_ids``,
-      ``mask``.
-
-  Returns:
-    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``.
-  """
-  kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-  logits = model(batch["input_ids"], **kwargs).astype(jnp.float32)
-  labels = batch["labels"]
-  w = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  count = jnp.sum(w)
-  loss_sum = jnp.sum(w * ce)
-  correct = jnp.sum(w * (jnp.argmax(logits, axis=-1) == labels))
-  loss = loss_sum / jnp.where(count > 0, count, 1.0)
-  return loss, {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
 def make_mesh(devices: int | Sequence[jax.Device] | None = None, *,
