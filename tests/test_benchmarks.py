@@ -283,3 +283,14 @@ def test_study_estimate_quick(tmp_path, capsys):
   assert {v: r["runs"] for v, r in ds["variants"].items()} == {"lora": 3, "mgpo": 3}
   assert out["total_s"] == pytest.approx(sum(r["total_s"] for r in ds["variants"].values()))
   assert "projected full plan" in capsys.readouterr().out
+
+
+def test_vs_pytorch_lm_quick(tmp_path):
+  pytest.importorskip("peft")
+  from benchmarks import vs_pytorch_lm
+
+  results = vs_pytorch_lm.main(["--quick", "--out", str(tmp_path / "lm.json")])
+  assert json.loads((tmp_path / "lm.json").read_text())["model"]["num_hidden_layers"] == 2
+  assert len(results["jax_step_s"]) == len(results["torch_step_s"]) == results["rounds"]
+  assert results["ratio_min"] <= results["ratio_median"] <= results["ratio_max"]
+  assert results["jax_tokens_per_s"] > 0 and results["torch_tokens_per_s"] > 0
