@@ -100,6 +100,14 @@ def random_data(num: dict[str, int], seq_len: int, vocab: int = 128,
   return out
 
 
+def write_json(path: pathlib.Path, results: Any) -> None:
+  """Writes a benchmark's results (creating the folder)."""
+  import json
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=1))
+
+
 def tree_nbytes(tree: Any) -> int:
   import jax
 

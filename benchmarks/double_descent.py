@@ -17,7 +17,6 @@ the largest rise of the smoothed loss above its running minimum.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -151,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "schedule": "3% linear warm-up, cosine decay to 0",
                           "methods": {m: METHODS[m] for m in args.methods}},
              "runs": runs, "seconds": time.perf_counter() - t_start}
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(results, indent=1))
+  _common.write_json(args.out, results)
   _plot(runs, args.plot, f"MiniLM LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps x batch "
         f"{args.batch_size}, seq {args.seq_len}, seed {args.seed}")
   print(f"wrote {args.out} and {args.plot} in {results['seconds']:.0f} s")

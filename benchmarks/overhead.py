@@ -22,7 +22,6 @@ every method, and prints XLA's argument and temp bytes next to the largest adapt
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -230,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"lora-one init ({init['examples']} examples, compilation included): "
           f"{init['seconds']:.2f} s = {init['train_steps_equivalent']:.1f} AdamW steps; "
           f"device peak bytes {init['peak_bytes_before']} -> {init['peak_bytes_after']}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(results, indent=1))
+  _common.write_json(args.out, results)
   print(f"wrote {args.out}")
   return results
 

@@ -14,7 +14,6 @@ each final run: the top Hessian eigenvalue of the validation loss w.r.t. the tra
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -195,8 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "runs": final,
       "seconds": time.perf_counter() - t_start,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(results, indent=1))
+  _common.write_json(args.out, results)
   _plot(final, args.plot, f"Rotten Tomatoes, MiniLM LoRA r=8: {args.steps} steps x batch "
         f"{args.batch_size}, seq {args.seq_len}; mean and min-max of {args.seeds} seeds")
   print(f"{'method':8s} {'lr':>7s} {'test acc (mean ± std)':>22s} {'top eig':>10s}")

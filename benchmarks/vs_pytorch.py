@@ -26,7 +26,6 @@ contending for oversubscribed cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -278,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       print(f"{batch_size:>5d} x {seq_len:<5d} {'torch + peft':16s} "
             f"{1e3 * np.median(r['torch_step_s']):>8.1f} {1.0:>8.3f} {'':13s} "
             f"{r['torch_tokens_per_s']:>9.0f}", flush=True)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(results, indent=1))
+  _common.write_json(args.out, results)
   print(f"wrote {args.out}")
   return results
 

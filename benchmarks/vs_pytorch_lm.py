@@ -16,7 +16,6 @@ median per-round ratio jax / torch and tokens per second.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
@@ -120,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"PyTorch+PEFT step time {results['ratio_median']:.3f} (rounds "
         f"{results['ratio_min']:.2f}-{results['ratio_max']:.2f}); tokens/s "
         f"{results['jax_tokens_per_s']:.0f} vs {results['torch_tokens_per_s']:.0f}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(results, indent=1))
+  _common.write_json(args.out, results)
   print(f"wrote {args.out}")
   return results
 
