@@ -100,6 +100,25 @@ def random_data(num: dict[str, int], seq_len: int, vocab: int = 128,
   return out
 
 
+def save_curve_plot(fig, ax_loss, ax_acc, title: str, path: pathlib.Path, *,
+                    acc_title: str = "validation accuracy", legend_size: int = 8,
+                    dpi: int = 80) -> None:
+  """Labels the training-loss / validation-accuracy panels of a benchmark's curve figure and
+  writes it to ``path``."""
+  import matplotlib.pyplot as plt
+
+  ax_loss.set(xlabel="step", ylabel="training loss (mean of 10 steps)", title="training loss")
+  ax_acc.set(xlabel="step", ylabel="accuracy", title=acc_title)
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+
+
 def write_json(path: pathlib.Path, results: Any) -> None:
   """Writes a benchmark's results (creating the folder)."""
   import json

@@ -119,16 +119,8 @@ def _plot(final: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
       (line,) = ax.plot(steps, mean, label=f"{method} (lr {runs[0]['lr']:g})",
                         marker="o" if key == "val_curve" else None, ms=3)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
-  ax_loss.set(xlabel="step", ylabel="training loss (mean of 10 steps)", title="training loss")
-  ax_acc.set(xlabel="step", ylabel="accuracy", title="validation accuracy (subset)")
-  for ax in (ax_loss, ax_acc):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  _common.save_curve_plot(fig, ax_loss, ax_acc, title, path,
+                          acc_title="validation accuracy (subset)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -467,16 +467,7 @@ def plot_curves(summary: dict[str, dict], path: pathlib.Path, title: str) -> Non
       (line,) = ax.plot(steps, values.mean(0), label=f"{variant} (lr {row['lr']:g}, "
                         f"{len(curves)} seeds)", marker="o" if key == "val_curve" else None, ms=3)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.12)
-  ax_loss.set(xlabel="step", ylabel="training loss (mean of 10 steps)", title="training loss")
-  ax_acc.set(xlabel="step", ylabel="accuracy", title="validation accuracy")
-  for ax in (ax_loss, ax_acc):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  _common.save_curve_plot(fig, ax_loss, ax_acc, title, path, legend_size=7, dpi=90)
 
 
 def phase_report(args, info) -> str:
