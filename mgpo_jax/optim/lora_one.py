@@ -73,25 +73,55 @@ def _swap(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-def _gram_solve(f: jax.Array, g: jax.Array, damping: Any, dtype) -> jax.Array:
-  """``(fᵀ f + λ I)⁻¹ g`` by an r×r solve, for f (..., k, r) and g (..., r, m)."""
-  f = f.astype(dtype)
+def _cholesky_solve(gram: jax.Array, rhs: jax.Array, damping: Any) -> jax.Array:
+  """``gram⁻¹ rhs`` for ``gram = F + λ I`` with F symmetric positive semi-definite,
+  ``gram`` (..., r, r) and ``rhs`` (..., r, m): the Cholesky factor ``gram = L Lᵀ``, then
+  ``L y = rhs`` and ``Lᵀ x = y``, each a loop over the r rows written in XLA operations.
+
+  Every pivot ``L_jj²`` of such a matrix is at least λ (it is ``1 / [(gram_{≤j})⁻¹]_jj`` and
+  ``gram_{≤j} ⪰ λ I``), so pivots are floored at λ: rounding cannot make one negative, and a
+  rank-deficient F (``B = 0`` at the default init) gives finite results."""
   hi = jax.lax.Precision.HIGHEST
-  gram = jnp.matmul(_swap(f), f, precision=hi)
-  gram = gram + jnp.asarray(damping, dtype) * jnp.eye(gram.shape[-1], dtype=dtype)
-  return jnp.linalg.solve(gram, g.astype(dtype))
+  r = gram.shape[-1]
+  rows = jnp.arange(r)
+  floor = jnp.asarray(damping, gram.dtype)
+
+  def factor_column(j, low):  # low holds L's columns < j, zeros elsewhere
+    row = low[..., j, :]
+    pivot = jnp.sqrt(jnp.maximum(gram[..., j, j] - jnp.sum(row * row, -1), floor))
+    col = (gram[..., :, j] - jnp.einsum("...ik,...k->...i", low, row, precision=hi))
+    col = jnp.where(rows > j, col / pivot[..., None], jnp.where(rows == j, pivot[..., None], 0))
+    return low.at[..., :, j].set(col)
+
+  low = jax.lax.fori_loop(0, r, factor_column, jnp.zeros_like(gram))
+
+  def forward(i, y):  # L y = rhs; rows >= i of y are still 0
+    y_i = rhs[..., i, :] - jnp.einsum("...k,...km->...m", low[..., i, :], y, precision=hi)
+    return y.at[..., i, :].set(y_i / low[..., i, i, None])
+
+  def backward(k, x):  # Lᵀ x = y, from the last row up; rows <= i of x are still 0
+    i = r - 1 - k
+    x_i = y[..., i, :] - jnp.einsum("...k,...km->...m", low[..., :, i], x, precision=hi)
+    return x.at[..., i, :].set(x_i / low[..., i, i, None])
+
+  y = jax.lax.fori_loop(0, r, forward, jnp.zeros_like(rhs))
+  return jax.lax.fori_loop(0, r, backward, jnp.zeros_like(rhs))
 
 
-def precondition_a(g_a: jax.Array, b: jax.Array, damping: Any) -> jax.Array:
-  """``ĝ_A = g_A (B Bᵀ + λ I)⁻¹``, by a solve (``B Bᵀ + λ I`` is symmetric)."""
-  dtype = jnp.result_type(jnp.float32, g_a.dtype, b.dtype)
-  return _swap(_gram_solve(_swap(b), _swap(g_a), damping, dtype)).astype(g_a.dtype)
+def _solve(gram: jax.Array, rhs: jax.Array, damping: Any) -> jax.Array:
+  """``gram⁻¹ rhs`` (see :func:`_cholesky_solve`). On CPU, in XLA operations: LAPACK's calls
+  there wake OpenBLAS threads that compete with XLA's for the cores (measured: +37% on a
+  MiniLM step); on GPU and TPU, the backend's own LU solve."""
+  return jax.lax.platform_dependent(
+      gram, rhs, damping, cpu=_cholesky_solve,
+      default=lambda gram, rhs, _: jnp.linalg.solve(gram, rhs))
 
 
-def precondition_b(g_b: jax.Array, a: jax.Array, damping: Any) -> jax.Array:
-  """``ĝ_B = (Aᵀ A + λ I)⁻¹ g_B``, by a solve."""
-  dtype = jnp.result_type(jnp.float32, g_b.dtype, a.dtype)
-  return _gram_solve(a, g_b, damping, dtype).astype(g_b.dtype)
+def _gram_solve(f: jax.Array, rhs: jax.Array, damping: Any) -> jax.Array:
+  """``(fᵀ f + λ I)⁻¹ rhs`` by r×r solves, for f (..., k, r) and rhs (..., r, m)."""
+  gram = jnp.matmul(_swap(f), f, precision=jax.lax.Precision.HIGHEST)
+  damping = jnp.asarray(damping, gram.dtype)
+  return _solve(gram + damping * jnp.eye(gram.shape[-1], dtype=gram.dtype), rhs, damping)
 
 
 def _check_damping(damping: Any) -> None:
@@ -113,8 +143,9 @@ def precondition_lora(damping: float | jax.Array = 1e-6) -> optax.GradientTransf
     \hat g_B = (A^\top A + λ I_r)^{-1}\,g_B,
 
   both from the current (pre-update) ``A`` and ``B`` (the paper's simultaneous form), with
-  r×r linear solves, never an inverse. Leaves outside a pair (a trained head) pass
-  unchanged. The preconditioned gradient is the Riemannian gradient of LoRA's quotient
+  r×r linear solves, never an inverse: a Cholesky solve written in XLA operations on CPU, the
+  backend's solve on GPU/TPU, one batched solve per group of equally shaped modules. Leaves
+  outside a pair (a trained head) pass unchanged. The preconditioned gradient is the Riemannian gradient of LoRA's quotient
   manifold (Zhang & Pilanci 2024): the step it gives does not depend on how ``A B`` is split
   between the factors. Place it **before** Adam:
   ``optax.chain(precondition_lora(), optax.adamw(lr))``; with MGPO, inside its base,
@@ -179,13 +210,25 @@ def precondition_lora(damping: float | jax.Array = 1e-6) -> optax.GradientTransf
 
 def _precondition(updates: Any, params: Any, damping: Any, a_for_b: dict | None = None) -> Any:
   """The simultaneous form; ``a_for_b`` (leaf index of A -> array) replaces the A used for
-  ĝ_B (the released code's sequential form)."""
+  ĝ_B (the released code's sequential form).
+
+  Each module gives two r×r systems, ``(B Bᵀ + λI) ĝ_Aᵀ = g_Aᵀ`` and ``(AᵀA + λI) ĝ_B = g_B``;
+  systems of equal shapes and dtype are stacked and solved together, one batched solve per
+  group (one in all for a model whose adapted layers have equal widths)."""
   treedef = jax.tree.structure(params)
   p = jax.tree.leaves(params)
   g = list(treedef.flatten_up_to(updates))
+  groups: dict[tuple, list[tuple[int, jax.Array, jax.Array, bool]]] = {}
   for ia, ib in lora_pairs(params):
     a = p[ia] if a_for_b is None else a_for_b[ia]
-    g[ia], g[ib] = precondition_a(g[ia], p[ib], damping), precondition_b(g[ib], a, damping)
+    for i, f, rhs, swapped in ((ia, _swap(p[ib]), _swap(g[ia]), True), (ib, a, g[ib], False)):
+      dtype = jnp.result_type(jnp.float32, f.dtype, rhs.dtype)
+      groups.setdefault((f.shape, rhs.shape, dtype), []).append((i, f, rhs, swapped))
+  for (_, _, dtype), systems in groups.items():
+    x = _gram_solve(jnp.stack([f.astype(dtype) for _, f, _, _ in systems]),
+                    jnp.stack([rhs.astype(dtype) for _, _, rhs, _ in systems]), damping)
+    for k, (i, _, _, swapped) in enumerate(systems):
+      g[i] = (_swap(x[k]) if swapped else x[k]).astype(g[i].dtype)
   return treedef.unflatten(g)
 
 
