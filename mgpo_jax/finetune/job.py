@@ -48,6 +48,7 @@ from mgpo_jax.optim import precondition_lora
 from mgpo_jax.train import (Trainer, TrainState, causal_lm_loss, classification_loss,
                             clean_params, make_mesh)
 from mgpo_jax.train.checkpoint import CheckpointError, Checkpointer
+from mgpo_jax.train.sharding import load_shardings
 
 LOG_EVERY = 10
 _HEADS = ("classifier", "score")  # a classifier's new head, trained in full (BERT, Llama)
@@ -114,15 +115,17 @@ def _loss_fn(config: FinetuneConfig):
   return causal_lm_loss if config.task == "causal-lm" else classification_loss
 
 
-def load_base(config: FinetuneConfig, num_labels: int = 2) -> nnx.Module:
+def load_base(config: FinetuneConfig, num_labels: int = 2, mesh: Any = None) -> nnx.Module:
   """The :func:`model_path` checkpoint as the model of ``config.task``, a classifier with a
-  fresh ``num_labels``-way head (BERT pooling ``config.pooling``) or a causal LM."""
+  fresh ``num_labels``-way head (BERT pooling ``config.pooling``) or a causal LM; on ``mesh``,
+  each weight is read straight into the sharding the Trainer gives it."""
   path = model_path(config)
   bert = model_type(path) == "bert"
   try:
     return load_model(path, task=config.task,
                       num_labels=num_labels if config.task == "classification" else None,
                       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+                      shardings=None if mesh is None else load_shardings(mesh),
                       **({"pooling": config.pooling} if bert else {}))
   except (FileNotFoundError, ValueError) as err:
     raise ValueError(f"--model {path}: {err}") from err
@@ -138,7 +141,7 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None, num_labe
   ``"lora-one"`` the full gradients of the target kernels are first computed on the first
   ``config.init_examples`` examples of the training batches (``data["train"]``, in the order
   training sees them), on ``mesh`` if given. A method with ``use_rslora`` turns rsLoRA on."""
-  model = base or load_base(config, num_labels)
+  model = base or load_base(config, num_labels, mesh)
   positions = _max_positions(model)
   if positions is not None and config.seq_len > positions:
     raise ValueError(f"--seq-len {config.seq_len} is longer than the model's "

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:  # transformers imports torch where installed: only load it wh
   from transformers import PretrainedConfig
 
 M = TypeVar("M", bound=nnx.Module)
+ShardingsFn = Callable[[str, tuple[int, ...]], "jax.sharding.Sharding | None"]
+"""``(NNX parameter path such as "model/layers/0/mlp/up_proj/kernel", shape) -> sharding`` (or
+``None``: the default device): where a loader puts each parameter, e.g.
+:func:`mgpo_jax.train.sharding.load_shardings`."""
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
@@ -138,6 +143,7 @@ def load_hf_weights(
   rename: Callable[[str], str | None],
   *,
   allow_missing: Collection[str] = (),
+  shardings: ShardingsFn | None = None,
 ) -> None:
   """Copies checkpoint tensors into ``model``'s parameters in place (abstract ones included).
 
@@ -148,6 +154,9 @@ def load_hf_weights(
       (e.g. non-persistent buffers or heads the model does not have).
     allow_missing: HF parameter names that may be absent from the checkpoint (they are left
       as they are, e.g. a new classification head).
+    shardings: where each parameter goes (see :data:`ShardingsFn`); a sharded parameter is
+      built with ``jax.make_array_from_callback``, so each device receives only its slice of
+      the tensor and no device ever holds the whole of it. Default: the default device.
 
   Raises:
     CheckpointMismatchError: unexpected tensors, missing parameters or shape mismatches, all
@@ -180,11 +189,19 @@ def load_hf_weights(
     raise CheckpointMismatchError(
       f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems)
     )
+  path_of = ({id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(model)}
+             if shardings is not None else {})
   name_of = {key: name for name, key in source.items()}
   for key, tensor in checkpoint.tensors(name_of):  # shard by shard, one tensor at a time
     variable, transposed = params[name_of[key]]
     tensor = tensor.T if transposed else tensor
-    variable.set_value(jnp.asarray(tensor, dtype=variable.get_value().dtype))
+    dtype = variable.get_value().dtype
+    where = shardings(path_of[id(variable)], tuple(tensor.shape)) if shardings else None
+    if where is None:
+      variable.set_value(jnp.asarray(tensor, dtype=dtype))
+    else:  # each device gets its slice only
+      variable.set_value(jax.make_array_from_callback(
+          tensor.shape, where, lambda index, t=tensor: np.asarray(t[index], dtype)))
     del tensor  # only the parameter (in its param_dtype) stays
 
 
@@ -195,16 +212,18 @@ def build_from_checkpoint(
   rename: Callable[[str], str | None],
   *,
   allow_missing: Collection[str] = (),
+  shardings: ShardingsFn | None = None,
 ) -> M:
   """``build(rngs)`` with its parameters read from ``checkpoint``, without initialising them.
 
-  The model is first built abstractly (shapes only); the checkpoint fills its parameters, and
-  only what is left (parameters in ``allow_missing`` absent from the checkpoint, and the
-  dropout RNG streams) is computed, by one jitted ``build(rngs)`` from which XLA drops the
-  unused initialisers. The result equals ``build(rngs)`` followed by loading the checkpoint.
+  The model is first built abstractly (shapes only); the checkpoint fills its parameters (each
+  straight into its place from ``shardings``, see :func:`load_hf_weights`), and only what is
+  left (parameters in ``allow_missing`` absent from the checkpoint, and the dropout RNG
+  streams) is computed, by one jitted ``build(rngs)`` from which XLA drops the unused
+  initialisers. The result equals ``build(rngs)`` followed by loading the checkpoint.
   """
   model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-  load_hf_weights(model, checkpoint, rename, allow_missing=allow_missing)
+  load_hf_weights(model, checkpoint, rename, allow_missing=allow_missing, shardings=shardings)
   abstract = nnx.state(model, lambda _, x: isinstance(x.get_value(), jax.ShapeDtypeStruct))
   todo = {path for path, _ in nnx.to_flat_state(abstract)}
   if todo:

@@ -56,6 +56,7 @@ def load_model(
   param_dtype: Any = jnp.float32,
   dtype: Any = None,
   rngs: nnx.Rngs | None = None,
+  shardings: _hf.ShardingsFn | None = None,
   **kwargs: Any,
 ) -> nnx.Module:
   """Loads a local HF checkpoint folder as the model for ``task``.
@@ -72,6 +73,10 @@ def load_model(
       is converted as it is read.
     dtype: computation dtype (``None``: from inputs and parameters).
     rngs: seeds new heads and dropout (default ``nnx.Rngs(0)``).
+    shardings: ``(NNX path, shape) -> sharding``, e.g.
+      ``mgpo_jax.train.sharding.load_shardings(mesh)``: each checkpoint tensor goes straight
+      into its sharding, every device receiving only its slice, so a base larger than one
+      device loads without ever being whole on one (default: the default device).
     **kwargs: passed to the class's ``from_pretrained`` (e.g. ``pooling`` for BERT).
 
   Raises:
@@ -89,7 +94,7 @@ def load_model(
       f"model_type={kind!r} (config.json in {str(_hf.local_dir(path))!r}) is not supported "
       f"for task={task!r}; supported model_types: {_supported()}"
     )
-  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, shardings=shardings, **kwargs)
   if task == "causal-lm":
     if num_labels is not None:
       raise ValueError(f"num_labels={num_labels} applies to task='classification' only")

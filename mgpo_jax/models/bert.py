@@ -245,6 +245,7 @@ class BertModel(nnx.Module):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
+    shardings: _hf.ShardingsFn | None = None,
   ) -> BertModel:
     """Loads a local HF BERT checkpoint (``config.json`` + ``model.safetensors``).
 
@@ -266,7 +267,8 @@ class BertModel(nnx.Module):
         return base(key.removeprefix("bert.")) if key.startswith("bert.") else None
       return base(key)
 
-    return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename)
+    return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename,
+                                    shardings=shardings)
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -342,6 +344,7 @@ class BertForSequenceClassification(nnx.Module):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
+    shardings: _hf.ShardingsFn | None = None,
   ) -> BertForSequenceClassification:
     """Loads a local HF BERT checkpoint; the classifier is freshly initialised if absent.
 
@@ -376,5 +379,5 @@ class BertForSequenceClassification(nnx.Module):
 
     return _hf.build_from_checkpoint(
       build, rngs or nnx.Rngs(0), checkpoint, rename,
-      allow_missing=("classifier.weight", "classifier.bias"),
+      allow_missing=("classifier.weight", "classifier.bias"), shardings=shardings,
     )

@@ -288,10 +288,12 @@ class LlamaForCausalLM(nnx.Module):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
+    shardings: _hf.ShardingsFn | None = None,
   ) -> LlamaForCausalLM:
     """Loads a local HF Llama checkpoint: ``config.json`` + ``model.safetensors`` (or sharded
     ``model.safetensors.index.json``). With ``tie_word_embeddings`` a saved ``lm_head.weight``
-    is skipped. ``rngs`` (default ``nnx.Rngs(0)``) seeds the dropout stream. Raises
+    is skipped. ``rngs`` (default ``nnx.Rngs(0)``) seeds the dropout stream; ``shardings``
+    puts each parameter straight into its sharding (:func:`mgpo_jax.models.load_model`). Raises
     ``FileNotFoundError`` if ``path`` is not a local directory and
     :class:`~mgpo_jax.models._hf.CheckpointMismatchError` on missing/unexpected/misshapen
     tensors."""
@@ -304,7 +306,8 @@ class LlamaForCausalLM(nnx.Module):
         return None
       return key
 
-    return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename)
+    return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename,
+                                    shardings=shardings)
 
 
 def last_token_index(
@@ -383,6 +386,7 @@ class LlamaForSequenceClassification(nnx.Module):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
+    shardings: _hf.ShardingsFn | None = None,
   ) -> LlamaForSequenceClassification:
     """Loads a local HF Llama checkpoint (a causal LM's or a sequence classifier's); ``score``
     is read if saved, else freshly initialised from ``rngs`` (default ``nnx.Rngs(0)``); a
@@ -397,5 +401,6 @@ class LlamaForSequenceClassification(nnx.Module):
       return None if key in _SKIPPED or key.startswith("lm_head.") else key
 
     return _hf.build_from_checkpoint(
-      build, rngs or nnx.Rngs(0), checkpoint, rename, allow_missing=("score.weight",)
+      build, rngs or nnx.Rngs(0), checkpoint, rename, allow_missing=("score.weight",),
+      shardings=shardings,
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +32,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["AXES", "BERT_RULES", "DATA_AXIS", "DEFAULT_RULES", "FSDP_AXIS", "LLAMA_RULES",
            "ShardingRules", "TENSOR_AXIS", "batch_size_divisor", "batch_spec", "build_mesh",
-           "param_shardings", "parse_mesh", "path_str", "per_device_bytes", "state_shardings"]
+           "load_shardings", "param_shardings", "parse_mesh", "path_str", "per_device_bytes",
+           "state_shardings"]
 
 DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
 AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
@@ -265,6 +266,14 @@ def state_shardings(abstract_state: Any, params: Any, param_sh: Any, mesh: Mesh)
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def load_shardings(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+                   ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+  """The ``shardings`` argument of :func:`mgpo_jax.models.load_model`: each frozen parameter
+  is loaded straight into the ``NamedSharding`` that :class:`~mgpo_jax.train.Trainer` gives it
+  on ``mesh`` with ``rules`` (so the Trainer moves nothing)."""
+  return lambda path, shape: NamedSharding(mesh, rules.spec(path, shape, mesh))
 
 
 def per_device_bytes(tree: Any) -> dict[Any, int]:
