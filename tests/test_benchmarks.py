@@ -294,3 +294,30 @@ def test_vs_pytorch_lm_quick(tmp_path):
   assert len(results["jax_step_s"]) == len(results["torch_step_s"]) == results["rounds"]
   assert results["ratio_min"] <= results["ratio_median"] <= results["ratio_max"]
   assert results["jax_tokens_per_s"] > 0 and results["torch_tokens_per_s"] > 0
+
+
+def test_scale_quick(tmp_path):
+  """benchmarks/scale.py --quick in a subprocess (it needs 8 fake devices; this process has 4):
+  each fsdp layout holds 1/fsdp of the frozen kernels per device (plus the replicated norms),
+  the bytes counted from the shardings equal the bytes placed, and remat lowers XLA's temp."""
+  import os
+  import subprocess
+
+  out = tmp_path / "scale.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--quick", "--out", str(out)],
+                        cwd=_common.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert len(results["machine"]["devices"]) == 8
+  for part in (results["bytes"]["layouts"], results["steps"]["layouts"]):
+    assert set(part) == {"1", "2", "4", "8"}
+  for f, lay in results["bytes"]["layouts"].items():
+    assert 1 / int(f) <= lay["vs_replicated"] <= 1 / int(f) + 0.01, (f, lay)
+  for f, lay in results["steps"]["layouts"].items():
+    assert lay["computed_equals_placed"], f
+    assert lay["frozen_bytes_vs_replicated"] == pytest.approx(
+        results["bytes"]["layouts"][f]["vs_replicated"])
+    assert len(lay["step_s"]) == results["steps"]["rounds"] and min(lay["step_s"]) > 0
+  assert results["remat"]["temp_bytes"]["remat"] < results["remat"]["temp_bytes"]["plain"]
+  assert "Part 2" in proc.stdout and "step vs repl." in proc.stdout
