@@ -140,6 +140,33 @@ def test_fsdp_llama_matches_one_device(method):
              .sharding.spec == P("fsdp", None) for s in mu)
 
 
+def test_fsdp_2x4_on_8_devices_subprocess():
+  """The issue's layout, data=2 × fsdp=4 on 8 devices (a subprocess: this one has 4): each
+  device holds 1/4 of every frozen kernel, and 5 MGPO steps equal the 1-device run."""
+  code = textwrap.dedent(f"""
+    import sys, numpy as np, jax
+    sys.path.insert(0, {os.getcwd()!r})
+    from tests.test_sharding import TXS, _close, _llama, _lm_batch, _run
+    from mgpo_jax.train import Trainer, causal_lm_loss, make_mesh
+    from mgpo_jax.train import sharding as sh
+    model = _llama()
+    sharded = Trainer(model, TXS["mgpo"](), causal_lm_loss, mesh=make_mesh(axes="data=2,fsdp=4"))
+    kernels = [x for x in jax.tree.leaves(sharded.rest) if x.ndim >= 2]
+    per_device = sh.per_device_bytes(kernels)
+    total = sum(x.nbytes for x in kernels)
+    assert len(per_device) == 8 and set(per_device.values()) == {{total // 4}}, per_device
+    state, losses = _run(sharded, 5, _lm_batch)
+    ref_state, ref_losses = _run(Trainer(model, TXS["mgpo"](), causal_lm_loss), 5, _lm_batch)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    _close(state.params, ref_state.params)
+    print("OK", losses)
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("method", ["lora-one", "flat-lora", "ggpo", "mgpo-code"])
 def test_fsdp_registry_methods_match_one_device(method):
   """The weight-perturbation methods (noise drawn on each shard from the same key) and LoRA-One's
