@@ -358,6 +358,14 @@ def phase_grid(args, info) -> None:
     for variant in names:
       for lr in args.lrs:
         one_run(args, ds, variant, specs[variant], lr, args.grid_seed, info, _base_model(args))
+      for _ in range(args.extend):  # the protocol: a best rate at the edge extends the grid
+        choice = choose_lr(load_results(args.results), ds.name, variant, args.grid_seed)
+        if not choice["at_edge"]:
+          break
+        print(f"{ds.name} {variant}: best rate {choice['lr']:g} at the grid's edge; "
+              f"extending to {choice['extend']:g}", flush=True)
+        one_run(args, ds, variant, specs[variant], choice["extend"], args.grid_seed, info,
+                _base_model(args))
     runs = load_results(args.results)
     for variant in names:
       choice = choose_lr(runs, ds.name, variant, args.grid_seed)
@@ -636,6 +644,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="extra rho values for the MGPO forms (at their chosen rate); none: "
                       "--rho-sweep with no value")
   p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+  p.add_argument("--extend", type=int, default=2,
+                 help="grid phase: while a variant's best rate is at the grid's edge, try the "
+                      "next rate beyond it, at most this many times (0: only print the command)")
   p.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1 at the chosen rate")
   p.add_argument("--grid-seed", type=int, default=0)
   p.add_argument("--epochs", type=int, default=1)
@@ -660,6 +671,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = min(args.seeds, 2)
     args.rho_sweep = [] if args.rho_sweep == p.get_default("rho_sweep") else args.rho_sweep
     args.evals, args.hessian_iters = 2, 5
+    args.extend = 0 if args.extend == p.get_default("extend") else args.extend
     args.estimate_steps, args.estimate_timed_steps = 3, 2
     args.variants = args.variants or ["lora", "mgpo"]
   specs, _ = variants(args.rho_sweep)
@@ -669,6 +681,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.error(f"unknown variant(s) {', '.join(unknown)}; known now: {', '.join(specs)}")
   if args.seeds < 1 or args.epochs < 1 or args.evals < 1 or args.hessian_iters < 1:
     p.error("--seeds, --epochs, --evals and --hessian-iters must be >= 1")
+  if args.extend < 0:
+    p.error("--extend must be >= 0")
   if len(set(args.lrs)) < 1 or min(args.lrs) <= 0:
     p.error("--lrs takes positive rates")
   args.results, args.report_dir = args.results.resolve(), args.report_dir.resolve()

@@ -259,6 +259,17 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   assert "training" not in capsys.readouterr().out
 
 
+def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
+  """One rate is always at the edge: ``--extend 1`` tries exactly one more, a factor 3 away."""
+  flags = ["--quick", "--variants", "lora", "--lrs", "3e-3", "--extend", "1",
+           "--results", str(tmp_path / "results"), "--work-dir", str(tmp_path / "runs")]
+  study.main(["grid", *flags])
+  names = sorted(f.name for f in (tmp_path / "results").rglob("*.json"))
+  assert len(names) == 2 and "lr0.003_seed0.json" in names
+  assert {"lr0.001_seed0.json", "lr0.009_seed0.json"} & set(names), names
+  assert "at the grid's edge; extending to" in capsys.readouterr().out
+
+
 def test_vs_pytorch_quick(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("peft")
