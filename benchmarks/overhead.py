@@ -14,6 +14,11 @@ ratio. Memory: the bytes of the optimizer-state leaves (with a weight perturbati
     .venv/bin/python benchmarks/overhead.py --quick   # tiny random BERT, seconds
     .venv/bin/python benchmarks/overhead.py --llama-memory  # XLA temp bytes only (see below)
 
+``--lora-one-solvers`` times, interleaved in one process on the MiniLM step (batch 16 x 64),
+AdamW, LoRA-One's preconditioned AdamW as shipped, and the same with the r x r systems solved
+one by one with ``jnp.linalg.solve`` (LAPACK on CPU; the implementation before 2026-11-25):
+the evidence for the solver choice in ``docs/lora_one.md``.
+
 ``--llama-memory`` compiles (does not run) the train step of a 1-layer random Llama (hidden
 1024, intermediate 2048, vocab 128) with LoRA r=8 on all its linear layers, batch 2 x 64, for
 every method, and prints XLA's argument and temp bytes next to the largest adapted kernel.
@@ -47,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "overhead.json")
   p.add_argument("--llama-memory", action="store_true",
                  help="only the compiled step's memory on a random hidden-1024 Llama")
+  p.add_argument("--lora-one-solvers", action="store_true",
+                 help="only AdamW vs LoRA-One's step with its solver as shipped and with "
+                      "per-system LAPACK solves")
   args = p.parse_args(argv)
   if args.quick:
     args.settings, args.rounds, args.steps_per_round = ["4x16"], 3, 2
@@ -203,6 +211,88 @@ def llama_memory() -> dict[str, Any]:
   return out
 
 
+def _lapack_precondition(damping: float = 1e-6):
+  """LoRA-One's preconditioner as first written: each r x r system solved on its own by
+  ``jnp.linalg.solve`` (on CPU, LAPACK ``getrf`` + ``trsm`` calls)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from mgpo_jax.optim import lora_pairs
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    treedef, p = jax.tree.structure(params), jax.tree.leaves(params)
+    g = list(treedef.flatten_up_to(updates))
+    for ia, ib in lora_pairs(params):
+      a, b = p[ia], p[ib]
+      eye = damping * jnp.eye(a.shape[-1], dtype=a.dtype)
+      g[ia] = jnp.linalg.solve(b @ b.T + eye, g[ia].T).T
+      g[ib] = jnp.linalg.solve(a.T @ a + eye, g[ib])
+    return treedef.unflatten(g), state
+
+  return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update)
+
+
+def lora_one_solvers(args) -> dict[str, Any]:
+  """AdamW, LoRA-One as shipped and LoRA-One with per-system LAPACK solves, interleaved."""
+  import jax
+  import numpy as np
+  import optax
+
+  from mgpo_jax import finetune
+  from mgpo_jax.finetune.config import FinetuneConfig
+  from mgpo_jax.optim import precondition_lora
+  from mgpo_jax.train import Trainer
+
+  batch_size, seq_len = args.settings[0]
+  config = FinetuneConfig(rank=8, alpha=16.0, batch_size=batch_size, seq_len=seq_len)
+  build = _common.build_tiny_model if args.quick else finetune.build_model
+  model, _ = build(config)
+  vocab = _common.tiny_bert_config().vocab_size if args.quick else 30522
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": rng.integers(1, vocab, (batch_size, seq_len), dtype=np.int32),
+           "attention_mask": np.ones((batch_size, seq_len), np.int32),
+           "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
+           "labels": rng.integers(0, 2, batch_size, dtype=np.int32)}
+  txs = {"adamw": optax.adamw(1e-4),
+         "lora-one (shipped)": optax.chain(precondition_lora(), optax.adamw(1e-4)),
+         "lora-one (per-system LAPACK)": optax.chain(_lapack_precondition(), optax.adamw(1e-4))}
+  runs = {}
+  for name, tx in txs.items():
+    trainer = Trainer(model, tx)
+    batch_dev = trainer.shard_batch(batch)
+    step, _ = _compile(trainer, trainer.init(0), batch_dev)
+    state, m = step(trainer.init(0), trainer.rest, batch_dev)  # warm-up
+    jax.block_until_ready((state, m))
+    runs[name] = {"step": step, "rest": trainer.rest, "batch": batch_dev, "state": state,
+                  "custom_calls": step.as_text().count("custom-call("), "times": []}
+  for _ in range(args.rounds):
+    for run in runs.values():
+      state = run["state"]
+      t0 = time.perf_counter()
+      for _ in range(args.steps_per_round):
+        state, m = run["step"](state, run["rest"], run["batch"])
+      jax.block_until_ready((state, m))
+      run["times"].append((time.perf_counter() - t0) / args.steps_per_round)
+      run["state"] = state
+  base = np.asarray(runs["adamw"]["times"])
+  out = {}
+  print(f"batch {batch_size} x seq {seq_len}, {args.rounds} rounds x {args.steps_per_round} "
+        f"steps\n{'step':30s} {'median ms':>10s} {'vs adamw':>9s} {'range':>12s} "
+        f"{'custom calls':>13s}")
+  for name, run in runs.items():
+    t = np.asarray(run["times"])
+    ratios = t / base
+    out[name] = {"step_s_all": t.tolist(), "time_ratio_vs_adamw": float(np.median(ratios)),
+                 "ratio_range": [float(ratios.min()), float(ratios.max())],
+                 "custom_calls": run["custom_calls"]}
+    print(f"{name:30s} {1e3 * np.median(t):>10.1f} {np.median(ratios):>9.3f} "
+          f"{ratios.min():>5.2f}-{ratios.max():.2f} {run['custom_calls']:>13d}")
+  return {"batch_size": batch_size, "seq_len": seq_len, "rounds": args.rounds,
+          "steps_per_round": args.steps_per_round, "steps": out}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Measures every setting; writes ``--out`` (JSON) and returns the results dict."""
   args = parse_args(argv)
@@ -210,6 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return llama_memory()
   info = _common.machine_info("overhead.py", argv)
   _common.print_machine(info)
+  if args.lora_one_solvers:
+    results = {"machine": info, **lora_one_solvers(args)}
+    _common.write_json(args.out, results)
+    print(f"wrote {args.out}")
+    return results
   results = {"machine": info, "model": "tiny random BERT" if args.quick else "all-MiniLM-L6-v2",
              "rounds": args.rounds, "steps_per_round": args.steps_per_round, "settings": []}
   for batch_size, seq_len in args.settings:

@@ -14,14 +14,14 @@ layers), in every layout, run for real: the measured per-device frozen bytes, XL
 and temp bytes of the compiled step (per device), and the step time as the median over rounds
 of the per-round ratio to the replicated step. Rounds interleave the layouts in one process (a
 layout's frozen weights are placed before its turn and freed after it; placement is not
-timed). Why not 1B here: on 8 fake CPU devices every replica lives in host RAM, and XLA:CPU's
+timed; each round starts with another layout). Why not 1B here: on 8 fake CPU devices every replica lives in host RAM, and XLA:CPU's
 replicated 1B step needs 2.1 GB of weights plus 4.2 GB of temp per device (it computes bf16
 matmuls in float32), about 50 GB in all on a 24 GB machine.
 
 Part 3, remat. A small random Llama on one device: XLA temp bytes of the train step with and
 without ``remat=True``, and the step-time ratio, interleaved.
 
-    .venv/bin/python benchmarks/scale.py           # CPU: ~15 min, ~12 GB of RAM
+    .venv/bin/python benchmarks/scale.py           # 2-core CPU: ~6 min, ~12 GB of RAM
     .venv/bin/python benchmarks/scale.py --quick   # tiny Llamas, seconds (the test)
 
 On fake CPU devices the 8 "devices" share the host's cores, so the step-time ratios measure
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="fsdp sizes (data = 8 / fsdp); 1 is the replicated layout")
   p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
   p.add_argument("--seq", type=int, default=32)
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=4, help="each layout leads one round of 4")
   p.add_argument("--steps-per-round", type=int, default=1)
   p.add_argument("--remat-batch", type=int, default=8)
   p.add_argument("--remat-seq", type=int, default=256)
@@ -128,6 +128,7 @@ def sharded_bytes(model, mesh) -> dict[Any, int]:
   """Bytes of ``model``'s frozen floating-point weights each device of ``mesh`` holds under the
   shardings :class:`~mgpo_jax.train.Trainer` gives them; ``model`` may be abstract."""
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from mgpo_jax.train import sharding as sh
@@ -136,7 +137,7 @@ def sharded_bytes(model, mesh) -> dict[Any, int]:
   rest_sh, _ = sh.param_shardings(rest, nnx.to_pure_dict(params), mesh)
   out: dict[Any, int] = {}
   for leaf, where in zip(jax.tree.leaves(rest), jax.tree.leaves(rest_sh)):
-    if leaf in _floats([leaf]):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
       nbytes = int(np.prod(where.shard_shape(leaf.shape))) * leaf.dtype.itemsize
       for device in where.device_set:
         out[device] = out.get(device, 0) + nbytes
@@ -207,15 +208,17 @@ def layout_steps(args) -> dict[str, Any]:
     print(f"{axes}: compiled and warmed up in {time.perf_counter() - t0:.0f} s; frozen bytes "
           f"per device {layouts[f]['frozen_bytes_per_device']}", flush=True)
   del model  # only the most sharded copy stays resident between turns
+  order = list(layouts)
   for r in range(args.rounds):
-    for f, lay in layouts.items():
+    for f in order[r % len(order):] + order[:r % len(order)]:  # each layout leads a round
+      lay = layouts[f]
       rest = jax.device_put(source, lay["rest_sh"])
       jax.block_until_ready(rest)
       lay["state"], t = _time(lay["compiled"], lay["state"], rest, lay["batch"],
                               args.steps_per_round)
       lay["times"].append(t)
       del rest
-    print(f"round {r + 1}/{args.rounds}: "
+    print(f"round {r + 1}/{args.rounds} (led by fsdp={order[r % len(order)]}): "
           + ", ".join(f"fsdp={f} {lay['times'][-1]:.2f} s" for f, lay in layouts.items()),
           flush=True)
   base = layouts[1]
@@ -245,7 +248,7 @@ def _frozen(model):
 
 
 def remat(args) -> dict[str, Any]:
-  """Part 2: XLA temp bytes and step time with and without remat, one device."""
+  """Part 3: XLA temp bytes and step time with and without remat, one device."""
   import jax
 
   from mgpo_jax import mgpo_adamw

@@ -77,6 +77,22 @@ def test_overhead_quick(tmp_path, capsys):
 
 
 @pytest.mark.slow  # about 90 s on 2 cores: XLA compiles dominate
+def test_overhead_lora_one_solvers_quick(tmp_path):
+  """The solver comparison runs; on CPU the shipped preconditioner has no custom call and the
+  per-system LAPACK form has some."""
+  import jax
+
+  out = tmp_path / "solvers.json"
+  results = overhead.main(["--quick", "--lora-one-solvers", "--out", str(out)])
+  steps = json.loads(out.read_text())["steps"]
+  assert list(steps) == ["adamw", "lora-one (shipped)", "lora-one (per-system LAPACK)"]
+  assert all(s["time_ratio_vs_adamw"] > 0 and len(s["step_s_all"]) == results["rounds"]
+             for s in steps.values())
+  if jax.default_backend() == "cpu":
+    assert steps["lora-one (shipped)"]["custom_calls"] == steps["adamw"]["custom_calls"]
+    assert steps["lora-one (per-system LAPACK)"]["custom_calls"] > steps["adamw"]["custom_calls"]
+
+
 def test_quality_quick(tmp_path):
   out, plot = tmp_path / "quality.json", tmp_path / "quality.png"
   results = quality.main(["--quick", "--methods", "lora", "mgpo-1", "--out", str(out),
@@ -315,7 +331,7 @@ def test_scale_quick(tmp_path):
   import subprocess
 
   out = tmp_path / "scale.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--quick", "--out", str(out)],
                         cwd=_common.REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -161,13 +161,16 @@ def test_fsdp_2x4_on_8_devices_subprocess():
     _close(state.params, ref_state.params)
     print("OK", losses)
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["lora-one", "flat-lora", "ggpo", "mgpo-code"])
+@pytest.mark.parametrize("method", ["lora-one", "flat-lora",
+                                    pytest.param("ggpo", marks=pytest.mark.slow),
+                                    pytest.param("mgpo-code", marks=pytest.mark.slow)])
 def test_fsdp_registry_methods_match_one_device(method):
   """The weight-perturbation methods (noise drawn on each shard from the same key) and LoRA-One's
   preconditioner (Gram products reduced across shards), as the CLI builds them: 5 steps on
@@ -195,7 +198,11 @@ def test_load_model_straight_into_shardings(tmp_path):
   from mgpo_jax.models import load_model
   from tests.tiny_llama import save_tiny_llama
 
+  from mgpo_jax.models._hf import SafetensorsCheckpoint
+
   folder = save_tiny_llama(tmp_path / "llama", scale=0.2)
+  checkpoint = SafetensorsCheckpoint(folder)  # host arrays: no device sees a whole tensor
+  assert all(type(t) is np.ndarray for _, t in checkpoint.tensors(checkpoint.keys()))
   mesh = make_mesh(axes="fsdp=4")
   sharded = load_model(folder, task="causal-lm", shardings=sh.load_shardings(mesh))
   plain = load_model(folder, task="causal-lm")

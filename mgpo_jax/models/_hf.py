@@ -89,7 +89,8 @@ def load_config(path: str | Path, model_types: Collection[str]) -> PretrainedCon
 class SafetensorsCheckpoint:
   """Lazy, read-only view of a local checkpoint's safetensors file(s), single or sharded.
 
-  Tensors are read one at a time (any dtype safetensors stores, bfloat16 included).
+  Tensors are read one at a time into host memory as numpy arrays (any dtype safetensors
+  stores, bfloat16 included): no device sees a tensor until the loader places it.
   """
 
   def __init__(self, path: str | Path):
@@ -104,7 +105,7 @@ class SafetensorsCheckpoint:
     self._file_of: dict[str, Path] = {}
     self._shape_of: dict[str, tuple[int, ...]] = {}
     for file in files:
-      with safe_open(str(file), framework="flax") as f:
+      with safe_open(str(file), framework="numpy") as f:
         for key in f.keys():
           self._file_of[key] = file
           self._shape_of[key] = tuple(f.get_slice(key).get_shape())
@@ -115,18 +116,14 @@ class SafetensorsCheckpoint:
   def shape(self, key: str) -> tuple[int, ...]:
     return self._shape_of[key]
 
-  def load(self, key: str) -> jax.Array:
-    with safe_open(str(self._file_of[key]), framework="flax") as f:
-      return f.get_tensor(key)
-
-  def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, jax.Array]]:
+  def tensors(self, keys: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     """``(key, tensor)`` for ``keys``, shard by shard: each file is opened once and its
     tensors read one at a time (the caller converts and drops each before the next)."""
     by_file: dict[Path, list[str]] = {}
     for key in keys:
       by_file.setdefault(self._file_of[key], []).append(key)
     for file in sorted(by_file):
-      with safe_open(str(file), framework="flax") as f:
+      with safe_open(str(file), framework="numpy") as f:
         for key in by_file[file]:
           yield key, f.get_tensor(key)
 
@@ -201,7 +198,7 @@ def load_hf_weights(
       variable.set_value(jnp.asarray(tensor, dtype=dtype))
     else:  # each device gets its slice only
       variable.set_value(jax.make_array_from_callback(
-          tensor.shape, where, lambda index, t=tensor: np.asarray(t[index], dtype)))
+        tensor.shape, where, lambda index, t=tensor: np.asarray(t[index], dtype)))
     del tensor  # only the parameter (in its param_dtype) stays
 
 

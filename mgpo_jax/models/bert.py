@@ -268,7 +268,7 @@ class BertModel(nnx.Module):
       return base(key)
 
     return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename,
-                                    shardings=shardings)
+                                     shardings=shardings)
 
 
 class BertForSequenceClassification(nnx.Module):

@@ -307,7 +307,7 @@ class LlamaForCausalLM(nnx.Module):
       return key
 
     return _hf.build_from_checkpoint(build, rngs or nnx.Rngs(0), checkpoint, rename,
-                                    shardings=shardings)
+                                     shardings=shardings)
 
 
 def last_token_index(

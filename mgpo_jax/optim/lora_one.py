@@ -145,9 +145,9 @@ def precondition_lora(damping: float | jax.Array = 1e-6) -> optax.GradientTransf
   both from the current (pre-update) ``A`` and ``B`` (the paper's simultaneous form), with
   r×r linear solves, never an inverse: a Cholesky solve written in XLA operations on CPU, the
   backend's solve on GPU/TPU, one batched solve per group of equally shaped modules. Leaves
-  outside a pair (a trained head) pass unchanged. The preconditioned gradient is the Riemannian gradient of LoRA's quotient
-  manifold (Zhang & Pilanci 2024): the step it gives does not depend on how ``A B`` is split
-  between the factors. Place it **before** Adam:
+  outside a pair (a trained head) pass unchanged. The preconditioned gradient is the
+  Riemannian gradient of LoRA's quotient manifold (Zhang & Pilanci 2024): the step it gives
+  does not depend on how ``A B`` is split between the factors. Place it **before** Adam:
   ``optax.chain(precondition_lora(), optax.adamw(lr))``; with MGPO, inside its base,
   ``mgpo(optax.chain(precondition_lora(), optax.adamw(lr)))``, so that the Gram matrices are
   those of the clean θ (MGPO hands its base the clean params, the loop holds θ + ε).
@@ -221,7 +221,8 @@ def _precondition(updates: Any, params: Any, damping: Any, a_for_b: dict | None 
   groups: dict[tuple, list[tuple[int, jax.Array, jax.Array, bool]]] = {}
   for ia, ib in lora_pairs(params):
     a = p[ia] if a_for_b is None else a_for_b[ia]
-    for i, f, rhs, swapped in ((ia, _swap(p[ib]), _swap(g[ia]), True), (ib, a, g[ib], False)):
+    systems = ((ia, _swap(p[ib]), _swap(g[ia]), True), (ib, a, g[ib], False))
+    for i, f, rhs, swapped in systems:
       dtype = jnp.result_type(jnp.float32, f.dtype, rhs.dtype)
       groups.setdefault((f.shape, rhs.shape, dtype), []).append((i, f, rhs, swapped))
   for (_, _, dtype), systems in groups.items():

@@ -272,7 +272,8 @@ def load_shardings(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
                    ) -> Callable[[str, tuple[int, ...]], NamedSharding]:
   """The ``shardings`` argument of :func:`mgpo_jax.models.load_model`: each frozen parameter
   is loaded straight into the ``NamedSharding`` that :class:`~mgpo_jax.train.Trainer` gives it
-  on ``mesh`` with ``rules`` (so the Trainer moves nothing)."""
+  on ``mesh`` with ``rules`` (so the Trainer moves nothing). Pass the Trainer the same
+  ``rules``: with others it moves every leaf to its own shardings."""
   return lambda path, shape: NamedSharding(mesh, rules.spec(path, shape, mesh))
 
 
