@@ -110,8 +110,9 @@ def _cholesky_solve(gram: jax.Array, rhs: jax.Array, damping: Any) -> jax.Array:
 
 def _solve(gram: jax.Array, rhs: jax.Array, damping: Any) -> jax.Array:
   """``gram⁻¹ rhs`` (see :func:`_cholesky_solve`). On CPU, in XLA operations: LAPACK's calls
-  there wake OpenBLAS threads that compete with XLA's for the cores (measured: +37% on a
-  MiniLM step); on GPU and TPU, the backend's own LU solve."""
+  there wake OpenBLAS threads that compete with XLA's for the cores (measured: a MiniLM step
+  1.3x slower, ``benchmarks/overhead.py --lora-one-solvers``); on GPU and TPU, the backend's
+  own LU solve."""
   return jax.lax.platform_dependent(
       gram, rhs, damping, cpu=_cholesky_solve,
       default=lambda gram, rhs, _: jnp.linalg.solve(gram, rhs))
