@@ -80,15 +80,13 @@ def _compile(trainer, state, batch):
                     if hasattr(analysis, k)}
 
 
-def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
-  import jax
+def _model_and_batch(args, batch_size: int, seq_len: int):
+  """The timed model (MiniLM, or the tiny BERT with ``--quick``) with LoRA r=8 on query/value,
+  its config, and a random token batch (timing does not depend on the text)."""
   import numpy as np
-  from flax import nnx
 
   from mgpo_jax import finetune
   from mgpo_jax.finetune.config import FinetuneConfig
-  from mgpo_jax.lora import lora_modules
-  from mgpo_jax.train import Trainer
 
   config = FinetuneConfig(rank=8, alpha=16.0, batch_size=batch_size, seq_len=seq_len)
   build = _common.build_tiny_model if args.quick else finetune.build_model
@@ -99,6 +97,19 @@ def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
            "attention_mask": np.ones((batch_size, seq_len), np.int32),
            "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
            "labels": rng.integers(0, 2, batch_size, dtype=np.int32)}
+  return config, model, batch
+
+
+def _setting(args, batch_size: int, seq_len: int) -> dict[str, Any]:
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from mgpo_jax import finetune
+  from mgpo_jax.lora import lora_modules
+  from mgpo_jax.train import Trainer
+
+  config, model, batch = _model_and_batch(args, batch_size, seq_len)
   trainers, states, out = {}, {}, {}
   for name in OPTIMIZERS:
     method = config.replace(optimizer=name)
@@ -240,21 +251,11 @@ def lora_one_solvers(args) -> dict[str, Any]:
   import numpy as np
   import optax
 
-  from mgpo_jax import finetune
-  from mgpo_jax.finetune.config import FinetuneConfig
   from mgpo_jax.optim import precondition_lora
   from mgpo_jax.train import Trainer
 
   batch_size, seq_len = args.settings[0]
-  config = FinetuneConfig(rank=8, alpha=16.0, batch_size=batch_size, seq_len=seq_len)
-  build = _common.build_tiny_model if args.quick else finetune.build_model
-  model, _ = build(config)
-  vocab = _common.tiny_bert_config().vocab_size if args.quick else 30522
-  rng = np.random.default_rng(0)
-  batch = {"input_ids": rng.integers(1, vocab, (batch_size, seq_len), dtype=np.int32),
-           "attention_mask": np.ones((batch_size, seq_len), np.int32),
-           "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
-           "labels": rng.integers(0, 2, batch_size, dtype=np.int32)}
+  _, model, batch = _model_and_batch(args, batch_size, seq_len)
   txs = {"adamw": optax.adamw(1e-4),
          "lora-one (shipped)": optax.chain(precondition_lora(), optax.adamw(1e-4)),
          "lora-one (per-system LAPACK)": optax.chain(_lapack_precondition(), optax.adamw(1e-4))}
