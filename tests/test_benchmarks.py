@@ -235,7 +235,9 @@ def test_tweets_split_is_stratified_and_disjoint(tmp_path):
   rows = {s: list(csv.DictReader(open(f, encoding="utf-8"))) for s, f in files.items()}
   manifest = json.loads((tmp_path / "tweets" / "manifest.json").read_text())
   assert sum(len(r) for r in rows.values()) == manifest["kept"] > 30000
-  texts = {s: {(r["text"], r["label"]) for r in rs} for s, rs in rows.items()}
+  texts = {s: [r["text"] for r in rs] for s, rs in rows.items()}
+  every = [t for ts in texts.values() for t in ts]
+  assert len(set(every)) == len(every)  # no text twice, so none in two splits
   for split, rs in rows.items():
     assert {r["label"] for r in rs} == set(study.TWEETS_LABELS)
     assert all(r["text"].strip() for r in rs)
