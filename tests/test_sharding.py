@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -74,6 +73,16 @@ def _run(trainer, steps, batch_fn, state=None, start=0):
   return state, np.array(losses)
 
 
+def _same_run(sharded, single, steps, batch_fn, tol=2e-5):
+  """Runs ``steps`` steps on both trainers; asserts equal losses and params; returns both
+  final states."""
+  state, losses = _run(sharded, steps, batch_fn)
+  ref_state, ref_losses = _run(single, steps, batch_fn)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  _close(state.params, ref_state.params, tol)
+  return state, ref_state
+
+
 def _close(a, b, tol=2e-5):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
@@ -128,10 +137,7 @@ def test_fsdp_llama_matches_one_device(method):
   per_device = sh.per_device_bytes(kernels)
   assert len(per_device) == 4
   assert all(b == total // 2 for b in per_device.values()), (per_device, total)
-  state, losses = _run(sharded, 5, _lm_batch)
-  ref_state, ref_losses = _run(single, 5, _lm_batch)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  _close(state.params, ref_state.params)
+  state, ref_state = _same_run(sharded, single, 5, _lm_batch)
   _close(state.opt_state, ref_state.opt_state)
   a = state.params["model"]["layers"][0]["mlp"]["down_proj"]["lora_a"]
   assert a.sharding.spec == P("fsdp", None)  # follows W (64, 32): P("fsdp")
@@ -146,7 +152,7 @@ def test_fsdp_2x4_on_8_devices_subprocess():
   code = textwrap.dedent(f"""
     import sys, numpy as np, jax
     sys.path.insert(0, {os.getcwd()!r})
-    from tests.test_sharding import TXS, _close, _llama, _lm_batch, _run
+    from tests.test_sharding import TXS, _llama, _lm_batch, _same_run
     from mgpo_jax.train import Trainer, causal_lm_loss, make_mesh
     from mgpo_jax.train import sharding as sh
     model = _llama()
@@ -155,11 +161,8 @@ def test_fsdp_2x4_on_8_devices_subprocess():
     per_device = sh.per_device_bytes(kernels)
     total = sum(x.nbytes for x in kernels)
     assert len(per_device) == 8 and set(per_device.values()) == {{total // 4}}, per_device
-    state, losses = _run(sharded, 5, _lm_batch)
-    ref_state, ref_losses = _run(Trainer(model, TXS["mgpo"](), causal_lm_loss), 5, _lm_batch)
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-    _close(state.params, ref_state.params)
-    print("OK", losses)
+    _same_run(sharded, Trainer(model, TXS["mgpo"](), causal_lm_loss), 5, _lm_batch)
+    print("OK")
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
@@ -183,10 +186,7 @@ def test_fsdp_registry_methods_match_one_device(method):
   build = lambda mesh: Trainer(model, finetune.build_optimizer(config), causal_lm_loss,  # noqa
                                mesh=mesh, perturbation=finetune.build_perturbation(config))
   sharded, single = build(make_mesh(axes="data=2,fsdp=2")), build(None)
-  state, losses = _run(sharded, 5, _lm_batch)
-  ref_state, ref_losses = _run(single, 5, _lm_batch)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  _close(state.params, ref_state.params, 5e-5)
+  state, ref_state = _same_run(sharded, single, 5, _lm_batch, 5e-5)
   _close(state.perturbation_state, ref_state.perturbation_state, 5e-5)
   a = state.params["model"]["layers"][0]["mlp"]["down_proj"]["lora_a"]
   assert a.sharding.spec == P("fsdp", None)
@@ -231,10 +231,7 @@ def test_tensor_parallel_llama_matches_one_device():
   assert q.sharding.spec == P("fsdp", "tensor") and q.addressable_shards[0].data.shape == (16, 16)
   _close(sharded.eval_step(sharded.init(0), _lm_batch(9)),
          single.eval_step(single.init(0), _lm_batch(9)), 1e-5)
-  state, losses = _run(sharded, 2, _lm_batch)
-  ref_state, ref_losses = _run(single, 2, _lm_batch)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  _close(state.params, ref_state.params)
+  _same_run(sharded, single, 2, _lm_batch)
 
 
 @pytest.mark.slow
@@ -247,10 +244,7 @@ def test_tensor_parallel_bert_matches_one_device():
   assert inter.sharding.spec == P(None, "tensor")
   _close(sharded.eval_step(sharded.init(0), _cls_batch(9)),
          single.eval_step(single.init(0), _cls_batch(9)), 1e-5)
-  state, losses = _run(sharded, 2, _cls_batch)
-  ref_state, ref_losses = _run(single, 2, _cls_batch)
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  _close(state.params, ref_state.params)
+  _same_run(sharded, single, 2, _cls_batch)
 
 
 # -- remat ------------------------------------------------------------------------------------
