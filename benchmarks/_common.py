@@ -119,6 +119,17 @@ def save_curve_plot(fig, ax_loss, ax_acc, title: str, path: pathlib.Path, *,
   plt.close(fig)
 
 
+def parse_settings(parser, values: list[str]) -> list[tuple[int, int]]:
+  """``["16x64", ...]`` -> ``[(16, 64), ...]`` (batch x sequence length), or ``parser.error``."""
+  try:
+    settings = [tuple(int(v) for v in s.lower().split("x")) for s in values]
+  except ValueError:
+    parser.error(f"--settings takes BATCHxSEQ values such as 16x64; got {values}")
+  if any(len(s) != 2 or min(s) < 1 for s in settings):
+    parser.error(f"--settings takes BATCHxSEQ with positive sizes; got {values}")
+  return settings
+
+
 def write_json(path: pathlib.Path, results: Any) -> None:
   """Writes a benchmark's results (creating the folder)."""
   import json

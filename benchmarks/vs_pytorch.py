@@ -84,14 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.quick:
     args.settings, args.rounds, args.steps_per_round = ["4x16"], 3, 2
-  try:
-    args.settings = [tuple(int(v) for v in s.lower().split("x")) for s in args.settings]
-  except ValueError:
-    p.error(f"--settings takes BATCHxSEQ values such as 16x64; got {args.settings}")
-  if any(len(s) != 2 or min(s) < 1 for s in args.settings) or args.rounds < 1 \
-      or args.steps_per_round < 1 or args.threads < 1:
-    p.error("--settings takes BATCHxSEQ with positive sizes; --rounds, --steps-per-round and "
-            "--threads must be >= 1")
+  args.settings = _common.parse_settings(p, args.settings)
+  if args.rounds < 1 or args.steps_per_round < 1 or args.threads < 1:
+    p.error("--rounds, --steps-per-round and --threads must be >= 1")
   return args
 
 
