@@ -21,8 +21,8 @@ def _vdot(a: Any, b: Any) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@functools.partial(jax.jit, static_argnames="loss_fn")
-def _power_iteration(loss_fn, params, args, key, num_iters, tol):
+def _power_iteration(loss_fn, params, args, key, num_iters, tol, shift):
+  """The Rayleigh quotient of ``H`` at the dominant eigenvector of ``H - shift I``."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   v = treedef.unflatten(
@@ -34,13 +34,13 @@ def _power_iteration(loss_fn, params, args, key, num_iters, tol):
 
   def cond(carry):
     i, _, eigenvalue, previous = carry
-    converged = jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue)
+    converged = jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue - shift)
     return (i < num_iters) & ((i < 2) | ~converged)
 
   def body(carry):
     i, v, eigenvalue, _ = carry
-    hv = _hvp(loss_fn, params, v, args)
-    rayleigh = _vdot(v, hv)  # v has unit norm
+    hv = jax.tree.map(lambda h, x: h - shift * x, _hvp(loss_fn, params, v, args), v)
+    rayleigh = _vdot(v, hv) + shift  # v has unit norm
     hv_unit, hv_norm = normalize(hv)
     # A zero H v (e.g. a loss flat in every direction) keeps v instead of dividing by zero.
     v = jax.tree.map(lambda new, old: jnp.where(hv_norm > 0, new, old), hv_unit, v)
@@ -48,8 +48,19 @@ def _power_iteration(loss_fn, params, args, key, num_iters, tol):
 
   v, _ = normalize(v)
   zero = jnp.zeros((), _vdot(v, v).dtype)
-  _, _, eigenvalue, _ = jax.lax.while_loop(cond, body, (0, v, zero, zero))
+  _, _, eigenvalue, _ = jax.lax.while_loop(cond, body, (0, v, zero + shift, zero + shift))
   return eigenvalue
+
+
+@functools.partial(jax.jit, static_argnames="loss_fn")
+def _largest_eigenvalue(loss_fn, params, args, key, num_iters, tol):
+  dominant = _power_iteration(loss_fn, params, args, key, num_iters, tol, 0.0)
+  # A dominant negative eigenvalue: iterate again on H - dominant I, whose spectrum is >= 0 and
+  # whose dominant eigenvalue is lambda_max - dominant.
+  return jax.lax.cond(
+      dominant < 0,
+      lambda: _power_iteration(loss_fn, params, args, key, num_iters, tol, dominant),
+      lambda: dominant)
 
 
 def top_hessian_eigenvalue(
@@ -60,7 +71,7 @@ def top_hessian_eigenvalue(
     num_iters: int = 100,
     tol: float = 1e-4,
 ) -> jax.Array:
-  r"""The top (largest-magnitude) eigenvalue of the Hessian of ``loss_fn`` w.r.t. ``params``.
+  r"""The largest eigenvalue of the Hessian of ``loss_fn`` w.r.t. ``params`` (the sharpness).
 
   Power iteration on Hessian-vector products computed forward-over-reverse
   (``jax.jvp(jax.grad(loss_fn), (params,), (v,))``), so the Hessian is never formed:
@@ -69,13 +80,17 @@ def top_hessian_eigenvalue(
 
     v_0 = z / \|z\|,\ z \sim \mathcal{N}(0, I), \qquad
     \lambda_k = v_k^\top H v_k, \qquad
-    v_{k+1} = H v_k / \|H v_k\|,
+    v_{k+1} = (H - sI) v_k / \|(H - sI) v_k\|,
 
   stopped after ``num_iters`` products or once :math:`|\lambda_k - \lambda_{k-1}| \le
-  \mathrm{tol}\,|\lambda_k|`. The Rayleigh quotient :math:`\lambda_k` converges to the
-  eigenvalue of largest *magnitude*, at rate :math:`|\lambda_2 / \lambda_1|` per iteration; at a
-  minimum the Hessian is positive semi-definite and this is the largest eigenvalue, the usual
-  sharpness measure. If a negative eigenvalue dominates, that (negative) value is returned.
+  \mathrm{tol}\,|\lambda_k - s|`. With :math:`s = 0` the Rayleigh quotient converges to the
+  eigenvalue of largest *magnitude*, at rate :math:`|\lambda_2 / \lambda_1|` per iteration. At
+  a minimum that is the largest eigenvalue; away from one a negative eigenvalue can dominate.
+  Then the iteration runs a second time with the shift :math:`s = \lambda_\text{dominant} < 0`:
+  the spectrum of :math:`H - sI` is (up to the first run's error) non-negative, its dominant
+  eigenvalue is :math:`\lambda_\max - s`, and the Rayleigh quotient of :math:`H` converges to
+  :math:`\lambda_\max`, at rate :math:`(\lambda_2 - s) / (\lambda_\max - s)`, with up to
+  ``num_iters`` more products.
 
   The loop is one jitted ``lax.while_loop``, compiled once per ``loss_fn`` object and argument
   shapes (``num_iters`` and ``tol`` are traced): pass the batch and frozen weights through
@@ -92,7 +107,7 @@ def top_hessian_eigenvalue(
     tol: relative tolerance on the change of the estimate, ``>= 0`` (0 runs all iterations).
 
   Returns:
-    A scalar: the Rayleigh-quotient estimate of the top eigenvalue, in the params' dtype.
+    A scalar: the Rayleigh-quotient estimate of the largest eigenvalue, in the params' dtype.
 
   Raises:
     ValueError: if ``num_iters < 1``, ``tol < 0`` or ``params`` has no leaves.
@@ -115,4 +130,4 @@ def top_hessian_eigenvalue(
     raise ValueError(f"tol must be >= 0, got {tol!r}")
   if not jax.tree.leaves(params):
     raise ValueError("params must have at least one array leaf")
-  return _power_iteration(loss_fn, params, args, key, num_iters, tol)
+  return _largest_eigenvalue(loss_fn, params, args, key, num_iters, tol)

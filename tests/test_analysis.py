@@ -21,29 +21,46 @@ def _quadratic_loss(params, hessian):
   return 0.5 * x @ hessian @ x
 
 
-def _hessian(rng, top):
-  """H = Q diag(lam) Q^T with a random orthogonal Q and lam = (top, |lam_i| <= 2 < |top|)."""
+def _hessian(rng, top, *, negative=None, rest=(-2.0, 2.0)):
+  """H = Q diag(lam) Q^T with a random orthogonal Q and lam = (top, the rest uniform in
+  ``rest``), plus a dominant ``negative`` eigenvalue when given."""
   n = 21
   q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-  lam = np.concatenate([[top], rng.uniform(-2.0, 2.0, n - 1)])
+  rest = rng.uniform(*rest, n - 1 - (negative is not None))
+  lam = np.concatenate([[top], [] if negative is None else [negative], rest])
   return (q * lam) @ q.T
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_quadratic_known_spectrum_float64(seed, sign):
+def test_quadratic_known_spectrum_float64(seed):
   rng = np.random.default_rng(seed)
-  top = sign * rng.uniform(4.0, 8.0)  # fresh value, gap ratio <= 0.5
+  top = rng.uniform(4.0, 8.0)  # fresh value, gap ratio <= 0.5
   with jax.enable_x64(True):
     hessian = _hessian(rng, top)
     params = _random_params(rng, jnp.float64)
     est = top_hessian_eigenvalue(_quadratic_loss, params, jnp.asarray(hessian),
                                  key=jax.random.key(seed), num_iters=200, tol=0.0)
     assert est.dtype == jnp.float64
-  eigvals = np.linalg.eigvalsh(hessian)
-  reference = eigvals[np.argmax(np.abs(eigvals))]  # the largest in magnitude (may be negative)
-  np.testing.assert_allclose(float(est), reference, rtol=1e-10)
+  np.testing.assert_allclose(float(est), np.linalg.eigvalsh(hessian)[-1], rtol=1e-10)
   np.testing.assert_allclose(float(est), top, rtol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top", [3.0, -0.5])
+def test_dominant_negative_eigenvalue_gives_the_largest_not_the_dominant(seed, top):
+  """A saddle whose most negative eigenvalue dominates in magnitude: the answer is the largest
+  eigenvalue (the shifted second iteration), not the dominant one (what plain power iteration
+  converges to). ``top = -0.5``: every eigenvalue may be negative."""
+  rng = np.random.default_rng(seed)
+  negative = -rng.uniform(10.0, 40.0)
+  with jax.enable_x64(True):
+    hessian = _hessian(rng, top, negative=negative, rest=(-2.0, 2.0) if top > 0 else (-3.0, -1.0))
+    est = top_hessian_eigenvalue(_quadratic_loss, _random_params(rng, jnp.float64),
+                                 jnp.asarray(hessian), key=jax.random.key(seed), num_iters=1000,
+                                 tol=0.0)
+  eigvals = np.linalg.eigvalsh(hessian)
+  assert abs(eigvals[0]) > 3 * abs(eigvals[-1]), "the test needs a dominant negative eigenvalue"
+  np.testing.assert_allclose(float(est), eigvals[-1], rtol=1e-8)
 
 
 def test_quadratic_float32_defaults():
@@ -75,7 +92,7 @@ def test_small_mlp_matches_dense_hessian():
       x, y = jnp.asarray(b.normal(size=(16, 3))), jnp.asarray(b.integers(0, 2, 16))
       dense = np.asarray(dense_hessian(flat, x, y))
       eigvals = np.linalg.eigvalsh(0.5 * (dense + dense.T))
-      reference = eigvals[np.argmax(np.abs(eigvals))]
+      reference = eigvals[-1]
       assert abs(eigvals[-2]) < 0.9 * abs(reference), "test needs a spectral gap"
       est = top_hessian_eigenvalue(_mlp_loss, params, x, y, key=jax.random.key(batch_seed),
                                    num_iters=1000, tol=1e-13)
