@@ -1,6 +1,6 @@
-"""Double descent: training-loss curves of LoRA (AdamW) and LoRA-MGPO at ranks 4..256 with
-alpha = r (scale 1) and a high learning rate, on Rotten Tomatoes with MiniLM (query/value,
-classifier head trained), one seed.
+"""Double descent: training-loss curves and test accuracy of every method at LoRA ranks 4..256
+with alpha = r (scale 1) and a high learning rate, on Rotten Tomatoes with MiniLM (query/value,
+classifier head trained), over several seeds. Part of the study of issue 15.
 
 Bump size of a run: the training loss logged by :func:`mgpo_jax.finetune.run` is the mean of
 each block of 10 steps, ``l_1, l_2, ...``; it is smoothed by a trailing moving average over
@@ -10,14 +10,24 @@ each block of 10 steps, ``l_1, l_2, ...``; it is smoothed by a trailing moving a
 
 the largest rise of the smoothed loss above its running minimum.
 
-    .venv/bin/python benchmarks/double_descent.py           # full (CPU: ~9 min)
+Every (method, rank, seed) run writes ``<results>/<method>/r<rank>_seed<seed>.json`` and is
+skipped when that file exists, so the sweep resumes where it stopped. Then the summary (per
+method and rank: mean ± std over seeds of the bump, the final loss and the test accuracy, and
+each method's paired difference to LoRA, same seed, with a 95% t-interval) goes to ``--out``
+and the figure to ``--plot``. The same seed gives every method the same initialisation and
+data order. Method names are the study's variants (``benchmarks/study.py``).
+
+    .venv/bin/python benchmarks/double_descent.py           # full: 5 methods x 4 ranks x 3 seeds
     .venv/bin/python benchmarks/double_descent.py --quick   # tiny random BERT, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -28,14 +38,12 @@ import numpy as np
 if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks import _common  # noqa: E402
+from benchmarks import _common, study  # noqa: E402
 
 SMOOTH = 3
-METHODS = {"lora": {"optimizer": "adamw"}, "mgpo": {"optimizer": "mgpo", "sign": 1.0},
-           "lora-one": {"optimizer": "lora-one"},
-           "mgpo-code": {"optimizer": "mgpo-code"}, "flat-lora": {"optimizer": "flat-lora"},
-           "ggpo": {"optimizer": "ggpo"}}
-DEFAULT_METHODS = ("lora", "mgpo")  # the published sweep; the others on request (--methods)
+# The issue's five: LoRA, the two MGPO forms (paper, released-code weight space), Flat-LoRA, GGPO.
+DEFAULT_METHODS = ("lora", "mgpo-paper", "mgpo-code", "flat-lora", "ggpo")
+BASELINE = study.BASELINE
 
 
 def smooth(losses: Sequence[float], window: int = SMOOTH) -> np.ndarray:
@@ -54,45 +62,139 @@ def bump_size(losses: Sequence[float], window: int = SMOOTH) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  specs, _ = study.variants()
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny random BERT and data, a few steps")
   p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64, 256])
-  p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(specs))
+  p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 per (method, rank)")
   p.add_argument("--lr", type=float, default=5e-3)
   p.add_argument("--steps", type=int, default=120)
   p.add_argument("--batch-size", type=int, default=16)
   p.add_argument("--seq-len", type=int, default=40)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--results", type=pathlib.Path, default=None,
+                 help="one JSON file per run, existing ones are not re-run (default: "
+                 "benchmarks/results/double_descent; with --quick: WORK_DIR/results)")
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "double_descent.json")
   p.add_argument("--plot", type=pathlib.Path, default=_common.DOCS / "double_descent.png")
   p.add_argument("--work-dir", type=pathlib.Path, default=pathlib.Path("/tmp/mgpo_dd_runs"))
   args = p.parse_args(argv)
   if args.quick:
     args.ranks, args.steps, args.batch_size, args.seq_len = [4], 30, 8, 16
-  if min(args.ranks) < 1 or args.steps < 10:
-    p.error("--ranks must be positive and --steps >= 10 (the loss is logged every 10 steps)")
+  if args.results is None:
+    args.results = args.work_dir / "results" if args.quick else _common.RESULTS / "double_descent"
+  if min(args.ranks) < 1 or args.steps < 10 or args.seeds < 1:
+    p.error("--ranks must be positive, --steps >= 10 (the loss is logged every 10 steps) and "
+            "--seeds >= 1")
+  args.specs = {m: specs[m] for m in args.methods}
   return args
 
 
-def _plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
+def run_path(results: pathlib.Path, method: str, rank: int, seed: int) -> pathlib.Path:
+  return results / method / f"r{rank}_seed{seed}.json"
+
+
+def one_run(args, data, base, method: str, rank: int, seed: int, info) -> dict[str, Any]:
+  """The result of one (method, rank, seed): read from its file when present, else trained."""
+  from mgpo_jax import finetune
+  from mgpo_jax.finetune.config import FinetuneConfig
+
+  path = run_path(args.results, method, rank, seed)
+  if path.exists():
+    return json.loads(path.read_text())
+  run_dir = args.work_dir / method / f"r{rank}_seed{seed}"
+  config = FinetuneConfig(
+      rank=rank, alpha=float(rank), lr=args.lr, weight_decay=0.0, batch_size=args.batch_size,
+      seq_len=args.seq_len, steps=args.steps, eval_every=args.steps, save_every=args.steps,
+      keep=1, seed=seed, run_dir=str(run_dir), **args.specs[method])
+  t0 = time.perf_counter()
+  summary = finetune.run(config, overwrite=True, progress=False, data=data, base_model=base)
+  records = finetune.read_metrics(run_dir / "metrics.jsonl")
+  curve = [[r["step"], r["loss"]] for r in records if "loss" in r]
+  losses = [v for _, v in curve]
+  run = {"method": method, "rank": rank, "seed": seed, "spec": args.specs[method],
+         "config": json.loads(config.to_json()), "machine": info, "loss_curve": curve,
+         "smoothed": smooth(losses).tolist(), "bump": bump_size(losses),
+         "final_loss": float(np.mean(losses[-SMOOTH:])),
+         "min_smoothed": float(np.min(smooth(losses))),
+         "test_accuracy": summary["test_accuracy"], "seconds": time.perf_counter() - t0}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(run, indent=1))
+  os.replace(tmp, path)
+  shutil.rmtree(run_dir, ignore_errors=True)
+  print(f"r={rank:<4d} {method:10s} seed {seed}: bump {run['bump']:.4f}, final loss "
+        f"{run['final_loss']:.4f}, test acc {run['test_accuracy']:.4f} "
+        f"({run['seconds']:.0f} s) -> {path}", flush=True)
+  return run
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+  """``summary[method][rank]``: the seeds, mean ± std of bump, final loss and test accuracy,
+  and (methods other than LoRA) the paired difference to LoRA's run of the same seed."""
+  by = {}
+  for r in runs:
+    by.setdefault(r["method"], {}).setdefault(r["rank"], []).append(r)
+  summary = {}
+  for method, ranks in by.items():
+    for rank, rs in sorted(ranks.items()):
+      rs.sort(key=lambda r: r["seed"])
+      row: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
+      for key in ("bump", "final_loss", "test_accuracy"):
+        row[key] = dict(zip(("mean", "std"), _common.mean_std([r[key] for r in rs])))
+      base = {r["seed"]: r for r in by.get(BASELINE, {}).get(rank, [])}
+      paired = [r for r in rs if r["seed"] in base]
+      if method != BASELINE and paired:
+        row["paired"] = {key: _common.paired_t_interval(
+            [r[key] for r in paired], [base[r["seed"]][key] for r in paired])
+            for key in ("bump", "final_loss", "test_accuracy")}
+      summary.setdefault(method, {})[str(rank)] = row
+  return summary
+
+
+def _plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> None:
+  """Top row: per rank, each method's smoothed training loss (mean over seeds, band: min to
+  max). Bottom row: bump, final loss and test accuracy against the rank (mean ± std)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   ranks = sorted({r["rank"] for r in runs})
-  fig, axes = plt.subplots(1, len(ranks), figsize=(3.2 * len(ranks), 3.2), sharey=True,
-                           squeeze=False)
+  methods = list(dict.fromkeys(r["method"] for r in runs))
+  colors = {m: f"C{i}" for i, m in enumerate(methods)}
+  cols = max(len(ranks), 3)
+  fig, axes = plt.subplots(2, cols, figsize=(3.4 * cols, 6.4), squeeze=False)
   for ax, rank in zip(axes[0], ranks):
-    for r in (r for r in runs if r["rank"] == rank):
-      steps = [s for s, _ in r["loss_curve"]]
-      (line,) = ax.plot(steps, [v for _, v in r["loss_curve"]], alpha=0.3)
-      ax.plot(steps, r["smoothed"], color=line.get_color(),
-              label=f"{r['method']} (bump {r['bump']:.3f})")
+    for method in methods:
+      rs = [r for r in runs if r["rank"] == rank and r["method"] == method]
+      if not rs:
+        continue
+      n = min(len(r["smoothed"]) for r in rs)
+      steps = [s for s, _ in rs[0]["loss_curve"][:n]]
+      s = np.array([r["smoothed"][:n] for r in rs])
+      ax.plot(steps, s.mean(0), color=colors[method], label=f"{method} ({len(rs)} seeds)")
+      ax.fill_between(steps, s.min(0), s.max(0), color=colors[method], alpha=0.15)
     ax.set(title=f"r = alpha = {rank}", xlabel="step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  axes[0][0].set_ylabel("training loss (10-step mean; bold: smoothed)")
+  axes[0][0].set_ylabel("training loss (smoothed)")
+  axes[0][0].legend(fontsize=7)
+  for ax in axes[0][len(ranks):]:
+    ax.axis("off")
+  for ax, key in zip(axes[1], ("bump", "final_loss", "test_accuracy")):
+    for i, method in enumerate(methods):
+      rows = summary.get(method, {})
+      rk = sorted(int(k) for k in rows)
+      ax.errorbar(np.array(rk) * (1 + 0.04 * (i - (len(methods) - 1) / 2)),
+                  [rows[str(k)][key]["mean"] for k in rk],
+                  yerr=[rows[str(k)][key]["std"] for k in rk], marker="o", capsize=2,
+                  color=colors[method], label=method)
+    ax.set(xscale="log", xlabel="rank r (= alpha)", title=key.replace("_", " "))
+    ax.minorticks_off()
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.grid(alpha=0.3)
+  for ax in axes[1][3:]:
+    ax.axis("off")
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +203,8 @@ def _plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  """Trains every (rank, method); writes ``--out`` and ``--plot``; returns the results dict."""
+  """Trains every missing (rank, method, seed); writes ``--out`` and ``--plot`` from all the
+  requested runs; returns the results dict."""
   from mgpo_jax import finetune
   from mgpo_jax.finetune import job as finetune_job
   from mgpo_jax.finetune.config import FinetuneConfig
@@ -116,43 +219,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = _common.random_data({"train": 256, "validation": 16, "test": 16}, args.seq_len)
   else:
     data = finetune.load_data(FinetuneConfig(seq_len=args.seq_len))
-    # Only the training loss is studied: small held-out splits keep the end-of-run evals cheap.
-    data = {"train": data["train"], **{k: {n: a[:128] for n, a in data[k].items()}
-                                       for k in ("validation", "test")}}
-  runs = []
+    # The validation split is only evaluated once, at the end; the test split is whole.
+    data = {**data, "validation": {n: a[:128] for n, a in data["validation"].items()}}
   base = _common.tiny_base_model if args.quick else None  # --quick: a tiny random BERT
-  for rank in args.ranks:
-    for method in args.methods:
-      config = FinetuneConfig(
-          rank=rank, alpha=float(rank), lr=args.lr, weight_decay=0.0,
-          batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-          eval_every=args.steps, save_every=args.steps, keep=1, seed=args.seed,
-          run_dir=str(args.work_dir / f"{method}_r{rank}"), **METHODS[method])
-      t0 = time.perf_counter()
-      finetune.run(config, overwrite=True, progress=False, data=data, base_model=base)
-      records = finetune.read_metrics(pathlib.Path(config.run_dir) / "metrics.jsonl")
-      curve = [[r["step"], r["loss"]] for r in records if "loss" in r]
-      losses = [v for _, v in curve]
-      run = {"rank": rank, "method": method, "loss_curve": curve,
-             "smoothed": smooth(losses).tolist(), "bump": bump_size(losses),
-             "final_loss": float(np.mean(losses[-SMOOTH:])), "min_smoothed":
-             float(np.min(smooth(losses))), "seconds": time.perf_counter() - t0}
-      runs.append(run)
-      print(f"r={rank:<4d} {method:5s} bump {run['bump']:.4f}, final loss "
-            f"{run['final_loss']:.4f} ({run['seconds']:.0f} s)", flush=True)
+  runs = [one_run(args, data, base, method, rank, seed, info)
+          for seed in range(args.seeds) for rank in args.ranks for method in args.methods]
+  summary = summarize(runs)
   results = {"machine": info,
              "protocol": {"model": "tiny random BERT" if args.quick else "all-MiniLM-L6-v2",
                           "data": "random tokens" if args.quick else "Rotten Tomatoes",
                           "ranks": args.ranks, "alpha": "= r", "lr": args.lr,
                           "steps": args.steps, "batch_size": args.batch_size,
-                          "seq_len": args.seq_len, "seed": args.seed, "smooth_window_logs":
+                          "seq_len": args.seq_len, "seeds": args.seeds, "smooth_window_logs":
                           SMOOTH, "log_every_steps": finetune_job.LOG_EVERY,
                           "schedule": "3% linear warm-up, cosine decay to 0",
-                          "methods": {m: METHODS[m] for m in args.methods}},
-             "runs": runs, "seconds": time.perf_counter() - t_start}
+                          "methods": args.specs},
+             "summary": summary, "runs": runs, "seconds": time.perf_counter() - t_start}
   _common.write_json(args.out, results)
-  _plot(runs, args.plot, f"MiniLM LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps x batch "
-        f"{args.batch_size}, seq {args.seq_len}, seed {args.seed}")
+  _plot(runs, summary, args.plot,
+        f"{results['protocol']['model']} LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps x batch "
+        f"{args.batch_size}, seq {args.seq_len}, seeds 0-{args.seeds - 1}")
   print(f"wrote {args.out} and {args.plot} in {results['seconds']:.0f} s")
   return results
 

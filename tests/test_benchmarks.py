@@ -118,7 +118,7 @@ def test_quality_quick(tmp_path):
 def test_quick_modes_take_the_weight_perturbation_methods(tmp_path):
   names = ["mgpo-code", "flat-lora", "ggpo"]
   results = double_descent.main(["--quick", "--methods", *names, "--out", str(tmp_path / "d.json"),
-                                 "--plot", str(tmp_path / "d.png"),
+                                 "--plot", str(tmp_path / "d.png"), "--seeds", "1",
                                  "--work-dir", str(tmp_path / "dd")])
   assert {r["method"] for r in results["runs"]} == set(names)
   assert all(math.isfinite(v) for r in results["runs"] for _, v in r["loss_curve"])
@@ -128,17 +128,35 @@ def test_quick_modes_take_the_weight_perturbation_methods(tmp_path):
   assert set(results["summary"]) == set(names)
 
 
-def test_double_descent_quick(tmp_path):
-  out, plot = tmp_path / "dd.json", tmp_path / "dd.png"
-  results = double_descent.main(["--quick", "--out", str(out), "--plot", str(plot),
-                                 "--work-dir", str(tmp_path / "runs")])
-  assert plot.stat().st_size > 0
+def test_double_descent_quick_seeds_resume_and_pair(tmp_path, capsys):
+  out, plot, results_dir = tmp_path / "dd.json", tmp_path / "dd.png", tmp_path / "runs"
+  argv = ["--quick", "--methods", "lora", "mgpo-paper", "--seeds", "2", "--out", str(out),
+          "--plot", str(plot), "--results", str(results_dir), "--work-dir", str(tmp_path / "w")]
+  results = double_descent.main(argv)
+  assert plot.stat().st_size > 0 and json.loads(out.read_text()).keys() == results.keys()
   runs = results["runs"]
-  assert {(r["rank"], r["method"]) for r in runs} == {(4, "lora"), (4, "mgpo")}
+  assert sorted((r["method"], r["rank"], r["seed"]) for r in runs) == [
+      ("lora", 4, 0), ("lora", 4, 1), ("mgpo-paper", 4, 0), ("mgpo-paper", 4, 1)]
   for r in runs:
     losses = [v for _, v in r["loss_curve"]]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert r["bump"] == pytest.approx(_bump_reference(losses, double_descent.SMOOTH)[1])
+    assert 0 <= r["test_accuracy"] <= 1
+    assert r["config"]["seed"] == r["seed"] and r["config"]["rank"] == r["rank"]
+  by = {(r["method"], r["seed"]): r for r in runs}
+  assert by["lora", 0]["loss_curve"] != by["lora", 1]["loss_curve"]  # the seed is used
+  row = results["summary"]["mgpo-paper"]["4"]
+  diffs = [by["mgpo-paper", s]["test_accuracy"] - by["lora", s]["test_accuracy"] for s in (0, 1)]
+  assert row["paired"]["test_accuracy"]["mean"] == pytest.approx(np.mean(diffs))
+  assert row["paired"]["test_accuracy"]["n"] == 2
+  assert row["bump"]["mean"] == pytest.approx(np.mean([by["mgpo-paper", s]["bump"] for s in (0, 1)]))
+  assert "paired" not in results["summary"]["lora"]["4"]
+  # Resume: every run has its file, so a second call trains nothing and gives the same runs.
+  assert len(list(results_dir.glob("*/r4_seed*.json"))) == 4
+  capsys.readouterr()
+  again = double_descent.main(argv)
+  assert "test acc" not in capsys.readouterr().out  # no run was trained again
+  assert again["runs"] == runs
 
 
 @pytest.mark.slow
@@ -148,7 +166,7 @@ def test_quick_runs_accept_lora_one(tmp_path):
   results = quality.main(["--quick", "--methods", "lora-one", "--out", str(tmp_path / "q.json"),
                           "--plot", str(tmp_path / "q.png"), "--work-dir", str(tmp_path / "q")])
   assert "lora-one" in results["summary"]
-  results = double_descent.main(["--quick", "--methods", "lora-one", "--out",
+  results = double_descent.main(["--quick", "--methods", "lora-one", "--seeds", "1", "--out",
                                  str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png"),
                                  "--work-dir", str(tmp_path / "d")])
   assert {r["method"] for r in results["runs"]} == {"lora-one"}

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo root
 
-from benchmarks import double_descent, overhead, quality  # noqa: E402
+from benchmarks import overhead, quality, study  # noqa: E402
 from mgpo_jax import cli  # noqa: E402
 from mgpo_jax.finetune import job  # noqa: E402
 from mgpo_jax.finetune.config import OPTIMIZERS, FinetuneConfig  # noqa: E402
@@ -26,7 +26,7 @@ def test_docs_table_is_the_registrys():
 def test_cli_and_benchmarks_read_the_registry(capsys):
   assert OPTIMIZERS == tuple(METHODS)
   assert overhead.OPTIMIZERS == tuple(METHODS)
-  for variants in (quality.METHODS, double_descent.METHODS):
+  for variants in (quality.METHODS, study.variants()[0]):
     assert all(v["optimizer"] in METHODS for v in variants.values())
   assert cli.main(["finetune", "--help"]) == 0
   help_text = " ".join(capsys.readouterr().out.split())
