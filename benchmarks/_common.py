@@ -231,10 +231,11 @@ def sharpness(trainer, state, split: dict[str, np.ndarray], *, iters: int = 20,
   """Top Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of ``split``,
   w.r.t. the trainable params, at the clean params of ``state``.
 
-  Power iteration (:func:`mgpo_jax.analysis.top_hessian_eigenvalue`) stops once the estimate
-  changes by at most ``tol`` (relative) or after ``iters`` Hessian-vector products. To tell
-  which, it is run again with ``2 * iters``: the loop is deterministic, so the same value means
-  it stopped on the tolerance within ``iters`` products (``converged``)."""
+  :func:`mgpo_jax.analysis.top_hessian_eigenvalue` (power iteration that stops once the estimate
+  changes by at most ``tol``, relative, or after ``iters`` Hessian-vector products; ``iters``
+  Lanczos steps when a negative eigenvalue dominates) is run with ``iters`` and again with
+  ``2 * iters``: ``converged`` when the two agree within ``tol`` (relative). The power loop is
+  deterministic, so for it agreement means it stopped on the tolerance within ``iters``."""
   import jax
 
   from mgpo_jax.analysis import top_hessian_eigenvalue
@@ -245,7 +246,8 @@ def sharpness(trainer, state, split: dict[str, np.ndarray], *, iters: int = 20,
   params = clean_params(state)
   values = [float(top_hessian_eigenvalue(loss_fn, params, trainer.rest, b, key=jax.random.key(0),
                                          num_iters=n, tol=tol)) for n in (iters, 2 * iters)]
-  return {"value": values[0], "converged": values[0] == values[1], "max_iters": iters,
+  converged = abs(values[0] - values[1]) <= tol * abs(values[1])
+  return {"value": values[0], "converged": converged, "max_iters": iters,
           "value_2x_iters": values[1], "tol": tol, "batch": len(b["labels"]), "key": 0}
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 
 def _hvp(loss_fn: Callable[..., jax.Array], params: Any, v: Any, args: tuple) -> Any:
@@ -21,8 +22,8 @@ def _vdot(a: Any, b: Any) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _power_iteration(loss_fn, params, args, key, num_iters, tol, shift):
-  """The Rayleigh quotient of ``H`` at the dominant eigenvector of ``H - shift I``."""
+def _power_iteration(loss_fn, params, args, key, num_iters, tol):
+  """The Rayleigh quotient at the dominant eigenvector: the eigenvalue of largest magnitude."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   v = treedef.unflatten(
@@ -34,13 +35,13 @@ def _power_iteration(loss_fn, params, args, key, num_iters, tol, shift):
 
   def cond(carry):
     i, _, eigenvalue, previous = carry
-    converged = jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue - shift)
+    converged = jnp.abs(eigenvalue - previous) <= tol * jnp.abs(eigenvalue)
     return (i < num_iters) & ((i < 2) | ~converged)
 
   def body(carry):
     i, v, eigenvalue, _ = carry
-    hv = jax.tree.map(lambda h, x: h - shift * x, _hvp(loss_fn, params, v, args), v)
-    rayleigh = _vdot(v, hv) + shift  # v has unit norm
+    hv = _hvp(loss_fn, params, v, args)
+    rayleigh = _vdot(v, hv)  # v has unit norm
     hv_unit, hv_norm = normalize(hv)
     # A zero H v (e.g. a loss flat in every direction) keeps v instead of dividing by zero.
     v = jax.tree.map(lambda new, old: jnp.where(hv_norm > 0, new, old), hv_unit, v)
@@ -48,19 +49,56 @@ def _power_iteration(loss_fn, params, args, key, num_iters, tol, shift):
 
   v, _ = normalize(v)
   zero = jnp.zeros((), _vdot(v, v).dtype)
-  _, _, eigenvalue, _ = jax.lax.while_loop(cond, body, (0, v, zero + shift, zero + shift))
+  _, _, eigenvalue, _ = jax.lax.while_loop(cond, body, (0, v, zero, zero))
   return eigenvalue
 
 
-@functools.partial(jax.jit, static_argnames="loss_fn")
+def _lanczos_largest(loss_fn, params, args, key, num_steps):
+  """The largest Ritz value of ``num_steps`` Lanczos steps with full reorthogonalisation."""
+  flat, unravel = ravel_pytree(params)
+  dtype = jnp.promote_types(flat.dtype, jnp.float32)  # the tridiagonal eigensolver's dtypes
+  flat = flat.astype(dtype)
+  steps = min(num_steps, flat.size)
+  hvp = lambda q: ravel_pytree(_hvp(loss_fn, params, unravel(q), args))[0].astype(dtype)
+  q = jax.random.normal(key, flat.shape, dtype)
+  q = q / jnp.linalg.norm(q)
+  tiny = 100 * jnp.finfo(flat.dtype).eps
+
+  def step(j, carry):
+    basis, alphas, betas, q, q_prev, beta_prev, done = carry
+    basis = basis.at[j].set(q)
+    w = hvp(q)
+    a = q @ w
+    w = w - a * q - beta_prev * q_prev
+    for _ in range(2):  # twice is enough (Parlett's "twice is enough")
+      w = w - basis.T @ (basis @ w)
+    b = jnp.linalg.norm(w)
+    # After a breakdown the Krylov space is invariant and its Ritz values exact: the remaining
+    # diagonal is filled with alphas[0], a Rayleigh quotient of that space (never the largest).
+    alphas = alphas.at[j].set(jnp.where(done, alphas[0], a))
+    done = done | (b <= tiny * (jnp.abs(a) + beta_prev))
+    betas = betas.at[j].set(jnp.where(done, 0.0, b))
+    q_next = jnp.where(done, q, w / jnp.where(done, 1.0, b))
+    return basis, alphas, betas, q_next, q, jnp.where(done, 0.0, b), done
+
+  zeros = jnp.zeros((steps,), flat.dtype)
+  init = (jnp.zeros((steps, flat.size), flat.dtype), zeros, zeros, q, jnp.zeros_like(q),
+          zeros[0], jnp.array(False))
+  _, alphas, betas, *_ = jax.lax.fori_loop(0, steps, step, init)
+  off = betas[:-1]
+  tridiagonal = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+  return jnp.linalg.eigvalsh(tridiagonal)[-1]
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_iters"))
 def _largest_eigenvalue(loss_fn, params, args, key, num_iters, tol):
-  dominant = _power_iteration(loss_fn, params, args, key, num_iters, tol, 0.0)
-  # A dominant negative eigenvalue: iterate again on H - dominant I, whose spectrum is >= 0 and
-  # whose dominant eigenvalue is lambda_max - dominant.
-  return jax.lax.cond(
-      dominant < 0,
-      lambda: _power_iteration(loss_fn, params, args, key, num_iters, tol, dominant),
-      lambda: dominant)
+  dominant = _power_iteration(loss_fn, params, args, key, num_iters, tol)
+  # A dominant negative eigenvalue: the largest one is not dominant, and power iteration (even
+  # shifted) approaches it slowly. Lanczos converges at both ends of the spectrum.
+  return jax.lax.cond(dominant < 0,
+                      lambda: _lanczos_largest(loss_fn, params, args, key,
+                                               num_iters).astype(dominant.dtype),
+                      lambda: dominant)
 
 
 def top_hessian_eigenvalue(
@@ -80,22 +118,24 @@ def top_hessian_eigenvalue(
 
     v_0 = z / \|z\|,\ z \sim \mathcal{N}(0, I), \qquad
     \lambda_k = v_k^\top H v_k, \qquad
-    v_{k+1} = (H - sI) v_k / \|(H - sI) v_k\|,
+    v_{k+1} = H v_k / \|H v_k\|,
 
   stopped after ``num_iters`` products or once :math:`|\lambda_k - \lambda_{k-1}| \le
-  \mathrm{tol}\,|\lambda_k - s|`. With :math:`s = 0` the Rayleigh quotient converges to the
-  eigenvalue of largest *magnitude*, at rate :math:`|\lambda_2 / \lambda_1|` per iteration. At
-  a minimum that is the largest eigenvalue; away from one a negative eigenvalue can dominate.
-  Then the iteration runs a second time with the shift :math:`s = \lambda_\text{dominant} < 0`:
-  the spectrum of :math:`H - sI` is (up to the first run's error) non-negative, its dominant
-  eigenvalue is :math:`\lambda_\max - s`, and the Rayleigh quotient of :math:`H` converges to
-  :math:`\lambda_\max`, at rate :math:`(\lambda_2 - s) / (\lambda_\max - s)`, with up to
-  ``num_iters`` more products.
+  \mathrm{tol}\,|\lambda_k|`. The Rayleigh quotient :math:`\lambda_k` converges to the
+  eigenvalue of largest *magnitude*, at rate :math:`|\lambda_2 / \lambda_1|` per iteration; at a
+  minimum the Hessian is positive semi-definite and this is the largest eigenvalue, the usual
+  sharpness measure. Away from a minimum a negative eigenvalue can dominate. Then
+  ``num_iters`` steps of the Lanczos method (random start, full reorthogonalisation)
+  follow, and the result is the largest eigenvalue of the Lanczos tridiagonal matrix
+  :math:`T_k = Q_k^\top H Q_k`: Lanczos converges at both ends of the spectrum, where power
+  iteration, even shifted by the negative eigenvalue, would need of the order of
+  :math:`|\lambda_\min| / (\lambda_1 - \lambda_2)` iterations. That branch keeps
+  ``num_iters`` vectors of the size of ``params``.
 
-  The loop is one jitted ``lax.while_loop``, compiled once per ``loss_fn`` object and argument
-  shapes (``num_iters`` and ``tol`` are traced): pass the batch and frozen weights through
-  ``*args`` rather than closing over them, so they are not baked into the program as constants
-  and later calls reuse the compilation.
+  The computation is jitted, compiled once per ``loss_fn`` object, ``num_iters`` and argument
+  shapes (``tol`` is traced): pass the batch and frozen weights through ``*args`` rather than
+  closing over them, so they are not baked into the program as constants and later calls
+  reuse the compilation.
 
   Args:
     loss_fn: ``loss_fn(params, *args) -> scalar``, twice differentiable in ``params``.
@@ -103,11 +143,12 @@ def top_hessian_eigenvalue(
       adapters; the frozen weights and the batch go in ``*args``).
     *args: further arguments of ``loss_fn``, not differentiated.
     key: PRNG key for the random start vector.
-    num_iters: the maximum number of Hessian-vector products, ``>= 1``.
+    num_iters: the maximum number of Hessian-vector products of the power iteration, and the
+      number of Lanczos steps when a negative eigenvalue dominates; ``>= 1``.
     tol: relative tolerance on the change of the estimate, ``>= 0`` (0 runs all iterations).
 
   Returns:
-    A scalar: the Rayleigh-quotient estimate of the largest eigenvalue, in the params' dtype.
+    A scalar: the estimate of the largest eigenvalue, in the params' dtype.
 
   Raises:
     ValueError: if ``num_iters < 1``, ``tol < 0`` or ``params`` has no leaves.
@@ -121,6 +162,9 @@ def top_hessian_eigenvalue(
     3.0
 
   References:
+    Lanczos, `An iteration method for the solution of the eigenvalue problem of linear
+    differential and integral operators <https://doi.org/10.6028/jres.045.026>`_, 1950.
+
     Yao et al., `PyHessian: Neural Networks Through the Lens of the Hessian
     <https://arxiv.org/abs/1912.07145>`_, 2020.
   """

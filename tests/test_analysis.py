@@ -63,6 +63,30 @@ def test_dominant_negative_eigenvalue_gives_the_largest_not_the_dominant(seed, t
   np.testing.assert_allclose(float(est), eigvals[-1], rtol=1e-8)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dominant_negative_eigenvalue_lanczos_in_fewer_steps_than_parameters(seed):
+  """400 parameters, 60 Lanczos steps: the largest eigenvalue of a saddle whose negative end
+  dominates 10x, in float32 (the default dtype) and float64, from the public function and
+  through ``jax.jit``."""
+  rng = np.random.default_rng(seed)
+  n = 400
+  q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+  top = rng.uniform(3.0, 5.0)
+  lam = np.concatenate([[top, -10 * top], rng.uniform(-top, 0.5 * top, n - 2)])
+  hessian = (q * lam) @ q.T
+  loss = lambda p, h: 0.5 * p["w"] @ h @ p["w"]
+  for dtype, rtol in ((jnp.float64, 1e-8), (jnp.float32, 1e-4)):
+    with jax.enable_x64(dtype == jnp.float64):
+      params = {"w": jnp.asarray(rng.normal(size=n), dtype)}
+      h = jnp.asarray(hessian, dtype)
+      est = top_hessian_eigenvalue(loss, params, h, key=jax.random.key(seed), num_iters=60)
+      jitted = jax.jit(lambda p, h: top_hessian_eigenvalue(loss, p, h, key=jax.random.key(seed),
+                                                           num_iters=60))(params, h)
+      assert est.dtype == dtype
+      np.testing.assert_allclose(float(est), top, rtol=rtol)
+      np.testing.assert_allclose(float(jitted), float(est), rtol=rtol)
+
+
 def test_quadratic_float32_defaults():
   rng = np.random.default_rng(10)
   top = rng.uniform(4.0, 8.0)
