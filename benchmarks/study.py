@@ -432,16 +432,17 @@ def _pm(values: list[float], digits: int = 4) -> str:
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _interval(stats: dict[str, Any]) -> str:
+def _interval(stats: dict[str, Any], digits: int = 4) -> str:
   if stats["low"] is None:
-    return f"{stats['mean']:+.4f} (1 seed: no interval)"
-  return f"{stats['mean']:+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}]"
+    return f"{stats['mean']:+.{digits}f} (1 seed: no interval)"
+  return f"{stats['mean']:+.{digits}f} [{stats['low']:+.{digits}f}, {stats['high']:+.{digits}f}]"
 
 
 def summarize(runs: list[dict[str, Any]], dataset: str, chosen: dict[str, dict]
               ) -> dict[str, dict[str, Any]]:
   """Per variant, at its chosen rate: the seeds, mean ± std of the metrics, and the paired
-  differences to LoRA (same seeds) of test accuracy and test macro-F1."""
+  differences to LoRA (same seeds) of test accuracy, test macro-F1 and the top Hessian
+  eigenvalue."""
   final = {}
   for variant, choice in chosen.items():
     rs = sorted((r for r in runs if r["dataset"] == dataset and r["variant"] == variant
@@ -459,7 +460,7 @@ def summarize(runs: list[dict[str, Any]], dataset: str, chosen: dict[str, dict]
     row["hessian_converged"] = sum(bool(r["hessian"]["converged"]) for r in rs)
     paired = [r for r in rs if r["seed"] in base]
     if variant != BASELINE and paired:
-      for key in ("test_accuracy", "test_macro_f1"):
+      for key in ("test_accuracy", "test_macro_f1", "top_hessian_eigenvalue"):
         row[f"paired_{key}"] = _common.paired_t_interval(
             [r[key] for r in paired], [base[r["seed"]][key] for r in paired])
     out[variant] = row
@@ -532,9 +533,11 @@ def phase_report(args, info) -> str:
               "interval excludes 0.", "",
               "| variant | lr | seeds | val acc | test acc | test macro-F1 | top Hessian eig. "
               "(converged) | Δ test acc vs LoRA [95% CI] | Δ macro-F1 vs LoRA [95% CI] | "
-              "established? | s / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "established? | Δ top eig. vs LoRA [95% CI] | s / run |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, row in summary.items():
       acc, f1 = row.get("paired_test_accuracy"), row.get("paired_test_macro_f1")
+      eig = row.get("paired_top_hessian_eigenvalue")
       est = ("—" if acc is None else ", ".join(
           [f"acc: {'**yes**' if acc['established'] else 'no'}",
            f"F1: {'**yes**' if f1['established'] else 'no'}"]))
@@ -543,7 +546,8 @@ def phase_report(args, info) -> str:
           f"{_pm(row['test_accuracy'])} | {_pm(row['test_macro_f1'])} | "
           f"{_pm(row['top_hessian_eigenvalue'], 3)} ({row['hessian_converged']}/"
           f"{len(row['seeds'])}) | {'—' if acc is None else _interval(acc)} | "
-          f"{'—' if f1 is None else _interval(f1)} | {est} | {np.mean(row['seconds']):.0f} |")
+          f"{'—' if f1 is None else _interval(f1)} | {est} | "
+          f"{'—' if eig is None else _interval(eig, 3)} | {np.mean(row['seconds']):.0f} |")
     png = args.report_dir / f"study_{dataset}.png"
     if summary:
       plot_curves(summary, png, f"{dataset}: LoRA r=8, mean and min-max over seeds at "

@@ -295,6 +295,33 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   assert "training" not in capsys.readouterr().out
 
 
+def test_study_summary_pairs_seeds_at_the_chosen_rate():
+  """Synthetic results: only the chosen rate's runs count, differences pair seed with seed
+  (mgpo lacks LoRA's seed 3), and sharpness is paired like accuracy."""
+  rng = np.random.default_rng(7)
+  keys = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
+          "top_hessian_eigenvalue", "seconds")
+  runs = [{"dataset": "d", "variant": v, "lr": lr, "seed": seed, "hessian": {"converged": True},
+           **{k: float(rng.uniform(0.5, 1.0) if "eig" not in k else rng.uniform(1, 20))
+              for k in keys}}
+          for v, lr, seeds in (("lora", 1e-3, range(4)), ("lora", 3e-3, range(1)),
+                               ("mgpo", 3e-3, (2, 0, 1)))
+          for seed in seeds]
+  chosen = {"lora": {"lr": 1e-3, "at_edge": False}, "mgpo": {"lr": 3e-3, "at_edge": False}}
+  summary = study.summarize(runs, "d", chosen)
+  assert summary["lora"]["seeds"] == [0, 1, 2, 3] and summary["mgpo"]["seeds"] == [0, 1, 2]
+  base = {r["seed"]: r for r in runs if r["variant"] == "lora" and r["lr"] == 1e-3}
+  mine = {r["seed"]: r for r in runs if r["variant"] == "mgpo"}
+  for key in ("test_accuracy", "test_macro_f1", "top_hessian_eigenvalue"):
+    d = np.array([mine[s][key] - base[s][key] for s in (0, 1, 2)])
+    stats = summary["mgpo"][f"paired_{key}"]
+    half = 4.302653 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(d.mean())
+    assert (stats["low"], stats["high"]) == pytest.approx((d.mean() - half, d.mean() + half),
+                                                          rel=1e-5)
+  assert not any(k.startswith("paired") for k in summary["lora"])
+
+
 def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
   """One rate is always at the edge: ``--extend 1`` tries exactly one more, a factor 3 away."""
   flags = ["--quick", "--variants", "lora", "--lrs", "3e-3", "--extend", "1",
