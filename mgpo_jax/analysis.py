@@ -1,4 +1,5 @@
-"""Sharpness of a loss: the top Hessian eigenvalue by power iteration on Hessian-vector products."""
+"""Sharpness of a loss: the largest Hessian eigenvalue, by power iteration (and Lanczos when a
+negative eigenvalue dominates) on Hessian-vector products."""
 
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ def _lanczos_largest(loss_fn, params, args, key, num_steps):
   """The largest Ritz value of ``num_steps`` Lanczos steps with full reorthogonalisation."""
   flat, unravel = ravel_pytree(params)
   dtype = jnp.promote_types(flat.dtype, jnp.float32)  # the tridiagonal eigensolver's dtypes
-  flat = flat.astype(dtype)
   steps = min(num_steps, flat.size)
-  hvp = lambda q: ravel_pytree(_hvp(loss_fn, params, unravel(q), args))[0].astype(dtype)
+  # unravel keeps a uniform pytree's dtype only if given it: the tangents must match the params.
+  hvp = lambda q: ravel_pytree(
+      _hvp(loss_fn, params, unravel(q.astype(flat.dtype)), args))[0].astype(dtype)
   q = jax.random.normal(key, flat.shape, dtype)
   q = q / jnp.linalg.norm(q)
   tiny = 100 * jnp.finfo(flat.dtype).eps
@@ -81,8 +83,8 @@ def _lanczos_largest(loss_fn, params, args, key, num_steps):
     q_next = jnp.where(done, q, w / jnp.where(done, 1.0, b))
     return basis, alphas, betas, q_next, q, jnp.where(done, 0.0, b), done
 
-  zeros = jnp.zeros((steps,), flat.dtype)
-  init = (jnp.zeros((steps, flat.size), flat.dtype), zeros, zeros, q, jnp.zeros_like(q),
+  zeros = jnp.zeros((steps,), dtype)
+  init = (jnp.zeros((steps, flat.size), dtype), zeros, zeros, q, jnp.zeros_like(q),
           zeros[0], jnp.array(False))
   _, alphas, betas, *_ = jax.lax.fori_loop(0, steps, step, init)
   off = betas[:-1]
@@ -125,12 +127,16 @@ def top_hessian_eigenvalue(
   eigenvalue of largest *magnitude*, at rate :math:`|\lambda_2 / \lambda_1|` per iteration; at a
   minimum the Hessian is positive semi-definite and this is the largest eigenvalue, the usual
   sharpness measure. Away from a minimum a negative eigenvalue can dominate. Then
-  ``num_iters`` steps of the Lanczos method (random start, full reorthogonalisation)
-  follow, and the result is the largest eigenvalue of the Lanczos tridiagonal matrix
+  ``min(num_iters, n)`` steps of the Lanczos method (``n`` parameters; a random start from the
+  same ``key``; full reorthogonalisation; in at least float32) follow, and the result is the largest eigenvalue of the Lanczos tridiagonal matrix
   :math:`T_k = Q_k^\top H Q_k`: Lanczos converges at both ends of the spectrum, where power
   iteration, even shifted by the negative eigenvalue, would need of the order of
   :math:`|\lambda_\min| / (\lambda_1 - \lambda_2)` iterations. That branch keeps
-  ``num_iters`` vectors of the size of ``params``.
+  ``min(num_iters, n)`` vectors of the size of ``params`` (XLA may reserve that memory even
+  when the branch is not taken), has no tolerance, and brings the worst case to
+  ``2 * num_iters`` Hessian-vector products. The branch is chosen by the sign of the power
+  iteration's estimate: when the two ends of the spectrum are close in magnitude that estimate
+  converges slowly, so check the result with more ``num_iters``.
 
   The computation is jitted, compiled once per ``loss_fn`` object, ``num_iters`` and argument
   shapes (``tol`` is traced): pass the batch and frozen weights through ``*args`` rather than
@@ -144,8 +150,10 @@ def top_hessian_eigenvalue(
     *args: further arguments of ``loss_fn``, not differentiated.
     key: PRNG key for the random start vector.
     num_iters: the maximum number of Hessian-vector products of the power iteration, and the
-      number of Lanczos steps when a negative eigenvalue dominates; ``>= 1``.
-    tol: relative tolerance on the change of the estimate, ``>= 0`` (0 runs all iterations).
+      number of Lanczos steps (at most the number of parameters) when a negative eigenvalue
+      dominates; ``>= 1``.
+    tol: relative tolerance on the change of the power iteration's estimate, ``>= 0`` (0 runs
+      all iterations).
 
   Returns:
     A scalar: the estimate of the largest eigenvalue, in the params' dtype.

@@ -140,3 +140,27 @@ def test_bad_arguments(kwargs, match):
 def test_empty_params():
   with pytest.raises(ValueError, match="params"):
     top_hessian_eigenvalue(lambda p: 0.0, {}, key=jax.random.key(0))
+
+
+def test_lanczos_breakdown_fills_without_raising_the_answer():
+  """Four distinct eigenvalues, all negative: the Krylov space is invariant after 4 of the 20
+  Lanczos steps, and the filler of the remaining steps must not become the answer (-1)."""
+  d = jnp.asarray([-10.0, -10.0, -1.0, -1.0, -2.0, -2.0] + [-3.0] * 30)
+  loss = lambda p: 0.5 * jnp.sum(d * p["w"] ** 2)
+  params = {"w": jnp.asarray(np.random.default_rng(3).normal(size=d.size), jnp.float32)}
+  est = top_hessian_eigenvalue(loss, params, key=jax.random.key(0), num_iters=20)
+  np.testing.assert_allclose(float(est), -1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("negative", [False, True])
+def test_half_precision_params(dtype, negative):
+  """16-bit params: the Lanczos branch (traced either way) runs in float32 on tangents cast back
+  to the params' dtype; the answer is the largest eigenvalue (3), to within the Hessian-vector
+  products' rounding (bfloat16 keeps 8 bits: errors of a few % of |lambda_min| = 12)."""
+  d = jnp.asarray([3.0, 1.0, 0.5, 0.25] + ([-12.0] if negative else []) + [0.125] * 11)
+  loss = lambda p: 0.5 * jnp.sum(d.astype(p["w"].dtype) * p["w"] ** 2)
+  params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=d.size), dtype)}
+  est = top_hessian_eigenvalue(loss, params, key=jax.random.key(0), num_iters=100, tol=0.0)
+  assert est.dtype == dtype
+  np.testing.assert_allclose(float(est), 3.0, rtol=0.1 if dtype == jnp.bfloat16 else 0.01)
