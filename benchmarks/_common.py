@@ -138,6 +138,19 @@ def write_json(path: pathlib.Path, results: Any) -> None:
   path.write_text(json.dumps(results, indent=1))
 
 
+def check_same_config(path: pathlib.Path, stored: dict[str, Any], config: dict[str, Any]
+                      ) -> None:
+  """Exits with an error when the result in ``path``, about to be reused instead of run, was
+  made with another config than ``config`` asks for. Compared: the fields both record, except
+  where the run and its data files lived (``run_dir``, ``*_file``)."""
+  differ = sorted(k for k in stored.keys() & config.keys()
+                  if k != "run_dir" and not k.endswith("_file") and stored[k] != config[k])
+  if differ:
+    said = ", ".join(f"{k}={stored[k]!r} (now {config[k]!r})" for k in differ)
+    raise SystemExit(f"mgpo-jax: error: {path} was made with {said}; pass the flags it was made "
+                     "with, or another --results folder")
+
+
 def tree_nbytes(tree: Any) -> int:
   import jax
 

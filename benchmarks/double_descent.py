@@ -11,11 +11,13 @@ each block of 10 steps, ``l_1, l_2, ...``; it is smoothed by a trailing moving a
 the largest rise of the smoothed loss above its running minimum.
 
 Every (method, rank, seed) run writes ``<results>/<method>/r<rank>_seed<seed>.json`` and is
-skipped when that file exists, so the sweep resumes where it stopped. Then the summary (per
-method and rank: mean ± std over seeds of the bump, the final loss and the test accuracy, and
-each method's paired difference to LoRA, same seed, with a 95% t-interval) goes to ``--out``
-and the figure to ``--plot``. The same seed gives every method the same initialisation and
-data order. Method names are the study's variants (``benchmarks/study.py``).
+skipped when that file exists, so the sweep resumes where it stopped (a file made with other
+settings stops it with an error instead). Then the summary (per method and rank: mean ± std
+over seeds of the bump, the final loss and the test accuracy, and each method's paired
+difference to LoRA, same seed, with a 95% t-interval) goes to ``--out`` and the figure to
+``--plot``. The same seed gives every method the same initialisation of the head and the
+adapters and the same data order (LoRA-One replaces the adapters' init with its own, from the
+first training batches). Method names are the study's variants (``benchmarks/study.py``).
 
     .venv/bin/python benchmarks/double_descent.py           # full: 5 methods x 4 ranks x 3 seeds
     .venv/bin/python benchmarks/double_descent.py --quick   # tiny random BERT, seconds
@@ -100,13 +102,15 @@ def one_run(args, data, base, method: str, rank: int, seed: int, info) -> dict[s
   from mgpo_jax.finetune.config import FinetuneConfig
 
   path = run_path(args.results, method, rank, seed)
-  if path.exists():
-    return json.loads(path.read_text())
   run_dir = args.work_dir / method / f"r{rank}_seed{seed}"
   config = FinetuneConfig(
       rank=rank, alpha=float(rank), lr=args.lr, weight_decay=0.0, batch_size=args.batch_size,
       seq_len=args.seq_len, steps=args.steps, eval_every=args.steps, save_every=args.steps,
       keep=1, seed=seed, run_dir=str(run_dir), **args.specs[method])
+  if path.exists():
+    run = json.loads(path.read_text())
+    _common.check_same_config(path, run["config"], json.loads(config.to_json()))
+    return run
   t0 = time.perf_counter()
   summary = finetune.run(config, overwrite=True, progress=False, data=data, base_model=base)
   records = finetune.read_metrics(run_dir / "metrics.jsonl")

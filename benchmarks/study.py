@@ -2,7 +2,8 @@
 
 One JSON file per (dataset, method variant, learning rate, seed) run under
 ``benchmarks/results/study/<dataset>/<variant>/lr<lr>_seed<seed>.json``; a run whose file
-exists is skipped, so the study survives interruptions and can be spread over several
+exists is skipped (after checking that the file was made with the same config: otherwise it
+stops with an error), so the study survives interruptions and can be spread over several
 sittings. Each file records the command, the package versions and the machine, the run's
 config, validation and test accuracy and macro-F1, the top Hessian eigenvalue at the end,
 the curves and the wall time.
@@ -295,10 +296,13 @@ def one_run(args, ds: Dataset, variant: str, spec: dict[str, Any], lr: float, se
             info: dict[str, Any], base_model=None) -> dict[str, Any]:
   """The result of one run: read from its file when present, else trained and written."""
   path = result_path(args.results, ds.name, variant, lr, seed)
-  if path.exists():
-    print(f"{ds.name} {variant} lr {lr:g} seed {seed}: done ({path.name})", flush=True)
-    return json.loads(path.read_text())
   run_dir = args.work_dir / ds.name / variant / f"lr{lr:g}_seed{seed}"
+  if path.exists():
+    result = json.loads(path.read_text())
+    config = run_config(args, ds, spec, lr, seed, str(run_dir))
+    _common.check_same_config(path, result["config"], json.loads(config.to_json()))
+    print(f"{ds.name} {variant} lr {lr:g} seed {seed}: done ({path.name})", flush=True)
+    return result
   print(f"[{time.strftime('%H:%M:%S')}] {ds.name} {variant} lr {lr:g} seed {seed}: training",
         flush=True)
   measured = train_and_measure(args, ds, spec, lr, seed, run_dir, base_model)

@@ -157,6 +157,9 @@ def test_double_descent_quick_seeds_resume_and_pair(tmp_path, capsys):
   again = double_descent.main(argv)
   assert "test acc" not in capsys.readouterr().out  # no run was trained again
   assert again["runs"] == runs
+  # A file made with other settings is not silently reused.
+  with pytest.raises(SystemExit, match=r"r4_seed0.json was made with lr=0.005 \(now 0.01\)"):
+    double_descent.main([*argv, "--lr", "1e-2"])
 
 
 @pytest.mark.slow
@@ -293,6 +296,8 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   study.main(["seeds", *flags])  # everything present: nothing re-runs
   assert [f.stat().st_mtime_ns for f in files] == stamps
   assert "training" not in capsys.readouterr().out
+  with pytest.raises(SystemExit, match=r"was made with .*steps=6 \(now 12\)"):
+    study.main(["seeds", *flags, "--epochs", "2"])  # other flags: the files are not reused
 
 
 def test_study_summary_pairs_seeds_at_the_chosen_rate():
