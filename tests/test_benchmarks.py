@@ -327,6 +327,12 @@ def test_study_summary_pairs_seeds_at_the_chosen_rate():
   assert not any(k.startswith("paired") for k in summary["lora"])
 
 
+def test_study_report_is_what_the_committed_results_give(tmp_path):
+  """docs/study/report.md is regenerated from the committed result files: it is current."""
+  study.main(["report", "--report-dir", str(tmp_path)])
+  assert (tmp_path / "report.md").read_text() == (study.REPORT_DIR / "report.md").read_text()
+
+
 def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
   """One rate is always at the edge: ``--extend 1`` tries exactly one more, a factor 3 away."""
   flags = ["--quick", "--variants", "lora", "--lrs", "3e-3", "--extend", "1",
