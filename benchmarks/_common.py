@@ -101,13 +101,14 @@ def random_data(num: dict[str, int], seq_len: int, vocab: int = 128,
 
 
 def save_curve_plot(fig, ax_loss, ax_acc, title: str, path: pathlib.Path, *,
-                    acc_title: str = "validation accuracy", legend_size: int = 8,
+                    acc_title: str = "validation accuracy", loss_title: str = "training loss",
+                    legend_size: int = 8,
                     dpi: int = 80) -> None:
   """Labels the training-loss / validation-accuracy panels of a benchmark's curve figure and
   writes it to ``path``."""
   import matplotlib.pyplot as plt
 
-  ax_loss.set(xlabel="step", ylabel="training loss (mean of 10 steps)", title="training loss")
+  ax_loss.set(xlabel="step", ylabel="training loss (mean of 10 steps)", title=loss_title)
   ax_acc.set(xlabel="step", ylabel="accuracy", title=acc_title)
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
@@ -155,6 +156,16 @@ def tree_nbytes(tree: Any) -> int:
   import jax
 
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def trailing_mean(values, window: int) -> np.ndarray:
+  """``out[k] = mean(values[max(0, k - window + 1) : k + 1])``: a moving average that uses
+  only the past (the first points average what there is)."""
+  x = np.asarray(values, dtype=np.float64)
+  c = np.concatenate([[0.0], np.cumsum(x)])
+  k = np.arange(1, x.size + 1)
+  start = np.maximum(0, k - window)
+  return (c[k] - c[start]) / (k - start)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

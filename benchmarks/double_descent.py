@@ -50,11 +50,7 @@ BASELINE = study.BASELINE
 
 def smooth(losses: Sequence[float], window: int = SMOOTH) -> np.ndarray:
   """Trailing moving average: ``s_k = mean(losses[max(0, k - window + 1) : k + 1])``."""
-  x = np.asarray(losses, dtype=np.float64)
-  c = np.concatenate([[0.0], np.cumsum(x)])
-  k = np.arange(1, x.size + 1)
-  start = np.maximum(0, k - window)
-  return (c[k] - c[start]) / (k - start)
+  return _common.trailing_mean(losses, window)
 
 
 def bump_size(losses: Sequence[float], window: int = SMOOTH) -> float:

@@ -475,9 +475,17 @@ def choice_lr(chosen: dict[str, dict], variant: str) -> float:
   return chosen[variant]["lr"]
 
 
+LOSS_SMOOTH = 5  # logged 10-step means per point of the plotted training loss
+
+
+def _seeds(n: int) -> str:
+  return f"{n} seed{'' if n == 1 else 's'}"
+
+
 def plot_curves(summary: dict[str, dict], path: pathlib.Path, title: str) -> None:
-  """Validation accuracy (right) and training loss (left) per variant at its chosen rate:
-  the mean over seeds and the min-max band."""
+  """Validation accuracy (right) and training loss (left, a trailing mean over
+  ``LOSS_SMOOTH`` logged points) per variant at its chosen rate: the mean over seeds and the
+  min-max band."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -490,10 +498,44 @@ def plot_curves(summary: dict[str, dict], path: pathlib.Path, title: str) -> Non
       n = min(len(c) for c in curves)
       steps = np.array([s for s, _ in curves[0][:n]])
       values = np.array([[v for _, v in c[:n]] for c in curves])
+      if key == "loss_curve":
+        values = np.array([_common.trailing_mean(v, LOSS_SMOOTH) for v in values])
       (line,) = ax.plot(steps, values.mean(0), label=f"{variant} (lr {row['lr']:g}, "
-                        f"{len(curves)} seeds)", marker="o" if key == "val_curve" else None, ms=3)
+                        f"{_seeds(len(curves))})", marker="o" if key == "val_curve" else None, ms=3)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.12)
-  _common.save_curve_plot(fig, ax_loss, ax_acc, title, path, legend_size=7, dpi=90)
+  _common.save_curve_plot(fig, ax_loss, ax_acc, title, path, legend_size=7, dpi=90,
+                          loss_title=f"training loss (trailing mean over {LOSS_SMOOTH} logs)")
+
+
+def plot_paired(summary: dict[str, dict], path: pathlib.Path, title: str) -> None:
+  """Each variant's paired difference to LoRA (mean and 95% t-interval over seeds) of test
+  accuracy and of the top Hessian eigenvalue: a forest plot with the line of no difference."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [(v, row) for v, row in summary.items() if "paired_test_accuracy" in row]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+  for ax, key, label in ((axes[0], "paired_test_accuracy", "Δ test accuracy vs LoRA"),
+                         (axes[1], "paired_top_hessian_eigenvalue",
+                          "Δ top Hessian eigenvalue vs LoRA")):
+    for i, (variant, row) in enumerate(rows):
+      st = row[key]
+      err = None if st["low"] is None else [[st["mean"] - st["low"]], [st["high"] - st["mean"]]]
+      ax.errorbar([st["mean"]], [i], xerr=err, fmt="o", capsize=3,
+                  color="C3" if st["established"] else "C0")
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set(xlabel=label)
+    ax.grid(alpha=0.3)
+  axes[0].set_yticks(range(len(rows)),
+                     [f"{v} ({_seeds(len(row['seeds']))})" for v, row in rows])
+  axes[0].invert_yaxis()
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
 
 
 def phase_report(args, info) -> str:
@@ -557,6 +599,11 @@ def phase_report(args, info) -> str:
       plot_curves(summary, png, f"{dataset}: LoRA r=8, mean and min-max over seeds at "
                                 f"each variant's chosen rate")
       lines += ["", f"![{dataset} curves]({png.name})"]
+      if any("paired_test_accuracy" in row for row in summary.values()):
+        paired_png = args.report_dir / f"paired_{dataset}.png"
+        plot_paired(summary, paired_png, f"{dataset}: paired differences to LoRA (same seeds), "
+                    "mean and 95% t-interval; red: the interval excludes 0")
+        lines += ["", f"![{dataset} paired differences]({paired_png.name})"]
     lines.append("")
   text = "\n".join(lines)
   args.report_dir.mkdir(parents=True, exist_ok=True)
