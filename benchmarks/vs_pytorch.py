@@ -175,7 +175,6 @@ def _torch_step(model_dir: str, batch):
 def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) -> dict[str, Any]:
   import jax
   import numpy as np
-  import torch
 
   rng = np.random.default_rng(0)
   batch = {"input_ids": rng.integers(1000 % vocab, vocab, (batch_size, seq_len)).astype(np.int32),
