@@ -328,9 +328,14 @@ def test_study_summary_pairs_seeds_at_the_chosen_rate():
 
 
 def test_study_report_is_what_the_committed_results_give(tmp_path):
-  """docs/study/report.md is regenerated from the committed result files: it is current."""
+  """docs/study/report.md is regenerated from the committed result files: it is current; and
+  the table in docs/benchmarks.md is the report's."""
   study.main(["report", "--report-dir", str(tmp_path)])
-  assert (tmp_path / "report.md").read_text() == (study.REPORT_DIR / "report.md").read_text()
+  report = (study.REPORT_DIR / "report.md").read_text()
+  assert (tmp_path / "report.md").read_text() == report
+  table = [line for line in report.splitlines() if line.startswith("|")
+           and line.count("|") > 10]  # the per-variant table's header and rows
+  assert len(table) >= 2 and "\n".join(table) in (_common.DOCS / "benchmarks.md").read_text()
 
 
 def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
