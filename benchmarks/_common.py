@@ -252,14 +252,15 @@ def predictions(trainer, state, split: dict[str, np.ndarray], batch_size: int = 
 
 def sharpness(trainer, state, split: dict[str, np.ndarray], *, iters: int = 20,
               batch: int = HESSIAN_BATCH, tol: float = HESSIAN_TOL) -> dict[str, Any]:
-  """Top Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of ``split``,
+  """The largest Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of ``split``,
   w.r.t. the trainable params, at the clean params of ``state``.
 
   :func:`mgpo_jax.analysis.top_hessian_eigenvalue` (power iteration that stops once the estimate
   changes by at most ``tol``, relative, or after ``iters`` Hessian-vector products; ``iters``
   Lanczos steps when a negative eigenvalue dominates) is run with ``iters`` and again with
   ``2 * iters``: ``converged`` when the two agree within ``tol`` (relative). The power loop is
-  deterministic, so for it agreement means it stopped on the tolerance within ``iters``."""
+  deterministic: when it stopped on the tolerance within ``iters`` products, the two are
+  equal."""
   import jax
 
   from mgpo_jax.analysis import top_hessian_eigenvalue
