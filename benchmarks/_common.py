@@ -252,8 +252,8 @@ def predictions(trainer, state, split: dict[str, np.ndarray], batch_size: int = 
 
 def sharpness(trainer, state, split: dict[str, np.ndarray], *, iters: int = 20,
               batch: int = HESSIAN_BATCH, tol: float = HESSIAN_TOL) -> dict[str, Any]:
-  """The largest Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of ``split``,
-  w.r.t. the trainable params, at the clean params of ``state``.
+  """The largest Hessian eigenvalue of the eval-mode loss on the first ``batch`` examples of
+  ``split``, w.r.t. the trainable params, at the clean params of ``state``.
 
   :func:`mgpo_jax.analysis.top_hessian_eigenvalue` (power iteration that stops once the estimate
   changes by at most ``tol``, relative, or after ``iters`` Hessian-vector products; ``iters``
