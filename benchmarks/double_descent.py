@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "summary": summary, "runs": runs, "seconds": time.perf_counter() - t_start}
   _common.write_json(args.out, results)
   _plot(runs, summary, args.plot,
-        f"{results['protocol']['model']} LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps x batch "
-        f"{args.batch_size}, seq {args.seq_len}, seeds 0-{args.seeds - 1}")
+        f"{results['protocol']['model']} LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps "
+        f"x batch {args.batch_size}, seq {args.seq_len}, seeds 0-{args.seeds - 1}")
   print(f"wrote {args.out} and {args.plot} in {results['seconds']:.0f} s")
   return results
 

@@ -128,8 +128,8 @@ def top_hessian_eigenvalue(
   minimum the Hessian is positive semi-definite and this is the largest eigenvalue, the usual
   sharpness measure. Away from a minimum a negative eigenvalue can dominate. Then
   ``min(num_iters, n)`` steps of the Lanczos method (``n`` parameters; a random start from the
-  same ``key``; full reorthogonalisation; in at least float32) follow, and the result is the largest eigenvalue of the Lanczos tridiagonal matrix
-  :math:`T_k = Q_k^\top H Q_k`: Lanczos converges at both ends of the spectrum, where power
+  same ``key``; full reorthogonalisation; in at least float32) follow, and the result is the
+  largest eigenvalue of the Lanczos tridiagonal matrix :math:`T_k = Q_k^\top H Q_k`: Lanczos converges at both ends of the spectrum, where power
   iteration, even shifted by the negative eigenvalue, would need of the order of
   :math:`|\lambda_\min| / (\lambda_1 - \lambda_2)` iterations. That branch keeps
   ``min(num_iters, n)`` vectors of the size of ``params`` (XLA may reserve that memory even

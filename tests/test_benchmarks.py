@@ -149,7 +149,8 @@ def test_double_descent_quick_seeds_resume_and_pair(tmp_path, capsys):
   diffs = [by["mgpo-paper", s]["test_accuracy"] - by["lora", s]["test_accuracy"] for s in (0, 1)]
   assert row["paired"]["test_accuracy"]["mean"] == pytest.approx(np.mean(diffs))
   assert row["paired"]["test_accuracy"]["n"] == 2
-  assert row["bump"]["mean"] == pytest.approx(np.mean([by["mgpo-paper", s]["bump"] for s in (0, 1)]))
+  bumps = [by["mgpo-paper", s]["bump"] for s in (0, 1)]
+  assert row["bump"]["mean"] == pytest.approx(np.mean(bumps))
   assert "paired" not in results["summary"]["lora"]["4"]
   # Resume: every run has its file, so a second call trains nothing and gives the same runs.
   assert len(list(results_dir.glob("*/r4_seed*.json"))) == 4
