@@ -132,11 +132,15 @@ def parse_settings(parser, values: list[str]) -> list[tuple[int, int]]:
 
 
 def write_json(path: pathlib.Path, results: Any) -> None:
-  """Writes a benchmark's results (creating the folder)."""
+  """Writes a benchmark's results (creating the folder) through a temporary file, so an
+  interrupted write never leaves a truncated file where a finished one is expected."""
   import json
+  import os
 
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results, indent=1))
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(results, indent=1))
+  os.replace(tmp, path)
 
 
 def check_same_config(path: pathlib.Path, stored: dict[str, Any], config: dict[str, Any]

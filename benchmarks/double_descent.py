@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -118,10 +117,7 @@ def one_run(args, data, base, method: str, rank: int, seed: int, info) -> dict[s
          "final_loss": float(np.mean(losses[-SMOOTH:])),
          "min_smoothed": float(np.min(smooth(losses))),
          "test_accuracy": summary["test_accuracy"], "seconds": time.perf_counter() - t0}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(run, indent=1))
-  os.replace(tmp, path)
+  _common.write_json(path, run)
   shutil.rmtree(run_dir, ignore_errors=True)
   print(f"r={rank:<4d} {method:10s} seed {seed}: bump {run['bump']:.4f}, final loss "
         f"{run['final_loss']:.4f}, test acc {run['test_accuracy']:.4f} "

@@ -311,10 +311,7 @@ def one_run(args, ds: Dataset, variant: str, spec: dict[str, Any], lr: float, se
             "data": {"sizes": ds.sizes, "seq_len": ds.seq_len, "seq_len_coverage": ds.coverage,
                      "num_labels": ds.num_labels},
             **measured}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(result, indent=1))
-  os.replace(tmp, path)
+  _common.write_json(path, result)
   if not args.keep_runs:
     shutil.rmtree(run_dir, ignore_errors=True)
   print(f"  val acc {result['val_accuracy']:.4f}, test acc {result['test_accuracy']:.4f}, "
