@@ -328,6 +328,30 @@ def test_study_summary_pairs_seeds_at_the_chosen_rate():
   assert not any(k.startswith("paired") for k in summary["lora"])
 
 
+def test_study_rho_sweep_pairs_with_the_default_radius():
+  """The sweep table pairs each radius with its MGPO form at the default radius (same seeds)
+  and orders the radii; without sweep results there is no table."""
+  rng = np.random.default_rng(3)
+  keys = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
+          "top_hessian_eigenvalue", "seconds")
+  runs = [{"dataset": "d", "variant": v, "lr": 1e-3, "seed": seed, "hessian": {"converged": True},
+           **{k: float(rng.uniform(0.5, 1.0)) for k in keys}}
+          for v, seeds in (("lora", range(3)), ("mgpo-paper", range(3)),
+                           ("mgpo-paper-rho0.2", (1, 0)), ("mgpo-paper-rho0.01", (2,)))
+          for seed in seeds]
+  chosen = {v: {"lr": 1e-3, "at_edge": False} for v in {r["variant"] for r in runs}}
+  lines = study.sweep_table(study.summarize(runs, "d", chosen))
+  rows = [line.split(" | ") for line in lines if line.startswith("| mgpo-paper")]
+  assert [row[1] for row in rows] == ["0.01", "0.05 (default)", "0.2"]
+  acc = {(r["variant"], r["seed"]): r["test_accuracy"] for r in runs}
+  d = [acc["mgpo-paper-rho0.2", s] - acc["mgpo-paper", s] for s in (0, 1)]
+  assert rows[2][4].startswith(f"{np.mean(d):+.4f} [")
+  assert rows[0][4] == f"{acc['mgpo-paper-rho0.01', 2] - acc['mgpo-paper', 2]:+.4f} " \
+      "(1 seed: no interval)"
+  assert rows[1][4] == "—"
+  assert study.sweep_table(study.summarize(runs[:6], "d", chosen)) == []  # no sweep: no table
+
+
 def test_study_report_is_what_the_committed_results_give(tmp_path):
   """docs/study/report.md is regenerated from the committed result files: it is current; and
   the table in docs/benchmarks.md is the report's."""
