@@ -32,7 +32,8 @@ def _power_iteration(loss_fn, params, args, key, num_iters, tol):
 
   def normalize(u):
     norm = optax.tree.norm(u)
-    return jax.tree.map(lambda x: x / norm, u), norm
+    # Each leaf keeps its dtype (the norm of a mixed-dtype tree is of the widest).
+    return jax.tree.map(lambda x: (x / norm).astype(x.dtype), u), norm
 
   def cond(carry):
     i, _, eigenvalue, previous = carry

@@ -164,3 +164,19 @@ def test_half_precision_params(dtype, negative):
   est = top_hessian_eigenvalue(loss, params, key=jax.random.key(0), num_iters=100, tol=0.0)
   assert est.dtype == dtype
   np.testing.assert_allclose(float(est), 3.0, rtol=0.1 if dtype == jnp.bfloat16 else 0.01)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_mixed_dtype_params(negative):
+  """A float32 leaf beside a bfloat16 one (e.g. a float32 head on a bfloat16 model): each
+  tangent keeps its leaf's dtype, and the answer (3, in the float32 leaf) is found either way."""
+  da = jnp.asarray([3.0, 1.0, 0.5, 0.25])
+  db = jnp.asarray(([-12.0] if negative else []) + [0.125] * 11, jnp.bfloat16)
+  loss = lambda p: (0.5 * jnp.sum(da * p["a"] ** 2)
+                    + 0.5 * jnp.sum(db * p["b"] ** 2).astype(jnp.float32))
+  rng = np.random.default_rng(4)
+  params = {"a": jnp.asarray(rng.normal(size=da.size), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=db.size), jnp.bfloat16)}
+  est = top_hessian_eigenvalue(loss, params, key=jax.random.key(0), num_iters=100, tol=0.0)
+  assert est.dtype == jnp.float32
+  np.testing.assert_allclose(float(est), 3.0, rtol=0.01)
