@@ -51,6 +51,15 @@ def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
           "versions": versions, "command": command}
 
 
+def cpu_seconds() -> float:
+  """User + system CPU time of this process, all its threads (divided by a wall time: the
+  number of cores it kept busy)."""
+  import resource
+
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def print_machine(info: dict[str, Any]) -> None:
   print(f"machine: {info['cpu']}, {info['cores']} cores, JAX backend {info['backend']} "
         f"({len(info['devices'])} device(s))")

@@ -13,8 +13,8 @@ a 2-way head), LoRA r = 8, alpha = 16 on query and value, the head trained in fu
 
 Both run in ONE process with the same thread budget (``torch.set_num_threads(N)`` and XLA's
 CPU intra-op threads, set through ``XLA_FLAGS`` before JAX is imported), after warm-up,
-interleaved: rounds of ``jax, torch`` each timing a few steps (``--gelu-forms`` adds mgpo-jax
-with another GELU formulation to the same rounds: an A/B of our model code). Reported: the
+interleaved: rounds of ``jax, torch`` each timing a few steps (``--also`` adds variants of
+mgpo-jax's step to the same rounds, :data:`DIAGNOSTICS`: A/B tests of our model code). Reported: the
 median over rounds of the per-round ratio jax / torch, and tokens (batch x sequence) per
 second. On a machine shared with other jobs, ``--threads 1`` avoids PyTorch's OpenMP threads
 contending for oversubscribed cores.
@@ -26,6 +26,7 @@ contending for oversubscribed cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -39,12 +40,6 @@ if __package__ in (None, ""):
 from benchmarks import _common  # noqa: E402
 
 
-def _gelu_erfc(x):
-  import jax
-
-  return jax.nn.gelu(x, approximate=False)
-
-
 def _gelu_erf(x):
   import jax
   import numpy as np
@@ -52,14 +47,38 @@ def _gelu_erf(x):
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
-def _gelu_tanh(x):
+# Variants of mgpo-jax's step for --also, each timed in the same rounds as the library's own.
+DIAGNOSTICS = {
+    "gelu-erf": "exact GELU written 0.5 x (1 + erf(x / sqrt 2)), as HF and PyTorch write it, "
+                "instead of jax.nn.gelu's erfc form (the same model)",
+    "gelu-tanh": "the tanh approximation of GELU (NOT the same model)",
+    "nnx-dropout": "flax's nnx.Dropout (a 32-bit uniform per element) instead of "
+                   "mgpo_jax.Dropout (16-bit: the same model, other masks)",
+    "no-dropout": "every dropout rate 0 (NOT the same step)",
+}
+
+
+@contextlib.contextmanager
+def _patched(variant: str | None):
+  """Builds the model of ``variant`` (a :data:`DIAGNOSTICS` key; ``None``: the library's)."""
   import jax
+  from flax import nnx
 
-  return jax.nn.gelu(x, approximate=True)
+  from mgpo_jax.models import _hf, bert
 
-
-# erfc and erf are exact (equal up to float32 rounding); tanh is NOT (a diagnostic only).
-GELU_FORMS = {"erfc": _gelu_erfc, "erf": _gelu_erf, "tanh": _gelu_tanh}
+  saved = _hf._ACTIVATIONS["gelu"], bert.Dropout
+  if variant == "gelu-erf":
+    _hf._ACTIVATIONS["gelu"] = _gelu_erf
+  elif variant == "gelu-tanh":
+    _hf._ACTIVATIONS["gelu"] = lambda x: jax.nn.gelu(x, approximate=True)
+  elif variant == "nnx-dropout":
+    bert.Dropout = nnx.Dropout
+  elif variant == "no-dropout":
+    bert.Dropout = lambda rate, **kwargs: saved[1](0.0, **kwargs)
+  try:
+    yield
+  finally:
+    _hf._ACTIVATIONS["gelu"], bert.Dropout = saved
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,15 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--steps-per-round", type=int, default=2)
   p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                  help="threads for both frameworks (default: the CPU count)")
-  p.add_argument("--gelu-forms", nargs="*", default=[], choices=sorted(GELU_FORMS),
-                 help="also time mgpo-jax with each of these exact-GELU formulations (A/B in "
-                      "the same rounds): erfc = jax.nn.gelu(approximate=False), erf = "
-                      "0.5 x (1 + erf(x / sqrt 2)) as HF and PyTorch write it, tanh = the "
-                      "approximation "
-                      "(NOT the same model: a diagnostic of GELU's share)")
-  p.add_argument("--no-dropout-too", action="store_true",
-                 help="also time mgpo-jax with every dropout rate set to 0 (NOT the same step: "
-                      "a diagnostic of dropout's share)")
+  p.add_argument("--also", nargs="*", default=[], choices=list(DIAGNOSTICS),
+                 help="also time these variants of mgpo-jax's step in the same rounds: "
+                      + "; ".join(f"{k}: {v}" for k, v in DIAGNOSTICS.items()))
   p.add_argument("--out", type=pathlib.Path, default=_common.RESULTS / "vs_pytorch.json")
   args = p.parse_args(argv)
   if args.quick:
@@ -91,18 +104,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def set_threads(n: int) -> dict[str, Any]:
-  """Gives both frameworks ``n`` threads; XLA's only if JAX is not imported yet."""
+  """Gives both frameworks ``n`` CPUs: pins this process (and every thread it starts later)
+  to ``n`` of its CPUs, and sets torch's thread count. XLA:CPU runs independent operations
+  concurrently whatever its Eigen flag says (1.6 cores busy "with one thread", measured), so
+  only the pinning makes the budget equal. Threads started before (JAX imported already, as
+  in the tests) stay where they were."""
   jax_ready = "jax" in sys.modules
-  if not jax_ready:
-    flags = os.environ.get("XLA_FLAGS", "")
-    eigen = "true" if n > 1 else "false"
-    os.environ["XLA_FLAGS"] = (f"{flags} --xla_cpu_multi_thread_eigen={eigen}"
-                               f" intra_op_parallelism_threads={n}").strip()
+  cpus = sorted(os.sched_getaffinity(0))[:n] if hasattr(os, "sched_setaffinity") else None
+  if cpus is not None:
+    os.sched_setaffinity(0, cpus)
+  if n == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false").strip()
   import torch
 
   torch.set_num_threads(n)
-  return {"threads": n, "torch_threads": torch.get_num_threads(),
-          "xla_threads": "as already configured (JAX was imported before)" if jax_ready else n,
+  return {"threads": n, "torch_threads": torch.get_num_threads(), "cpus": cpus,
+          "pinned_before_jax_started": not jax_ready,
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -116,38 +134,18 @@ def _tiny_checkpoint(folder: pathlib.Path) -> str:
   return str(folder)
 
 
-def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, gelu: str | None = None,
-              dropout: bool = True):
-  """The Trainer, state and device batch; ``gelu`` names a :data:`GELU_FORMS` entry that
-  replaces the library's exact GELU in this model only (``None``: the library as it is)."""
-  import contextlib
-
+def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, variant: str | None = None):
+  """The Trainer, state and device batch of the library's step, or of a :data:`DIAGNOSTICS`
+  ``variant``."""
   from mgpo_jax import finetune
   from mgpo_jax.finetune.config import FinetuneConfig
-  from mgpo_jax.models import _hf
   from mgpo_jax.train import Trainer
-
-  @contextlib.contextmanager
-  def patched():
-    saved = _hf._ACTIVATIONS["gelu"]
-    if gelu is not None:
-      _hf._ACTIVATIONS["gelu"] = GELU_FORMS[gelu]
-    try:
-      yield
-    finally:
-      _hf._ACTIVATIONS["gelu"] = saved
 
   config = FinetuneConfig(model=model_dir, optimizer="adamw", rank=8, alpha=16.0,
                           target_modules=("query", "value"), lr=1e-3, weight_decay=0.0,
                           batch_size=batch_size, seq_len=seq_len, steps=1000, pooling="cls")
-  with patched():
+  with _patched(variant):
     model, _ = finetune.build_model(config)
-  if not dropout:
-    from flax import nnx
-
-    for _, node in nnx.iter_graph(model):
-      if isinstance(node, nnx.Dropout):
-        node.rate = 0.0
   trainer = Trainer(model, finetune.build_optimizer(config))
   state = trainer.init(0)
   batch = trainer.shard_batch(batch)
@@ -182,11 +180,8 @@ def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) ->
            "token_type_ids": np.zeros((batch_size, seq_len), np.int32),
            "labels": rng.integers(0, 2, batch_size).astype(np.int32)}
   contenders = {"jax": _jax_step(model_dir, batch_size, seq_len, batch)}
-  for form in args.gelu_forms:
-    contenders[f"jax[gelu={form}]"] = _jax_step(model_dir, batch_size, seq_len, batch, form)
-  if args.no_dropout_too:
-    contenders["jax[no dropout]"] = _jax_step(model_dir, batch_size, seq_len, batch,
-                                              dropout=False)
+  for variant in args.also:
+    contenders[f"jax[{variant}]"] = _jax_step(model_dir, batch_size, seq_len, batch, variant)
   model, opt, tensors, attn = _torch_step(model_dir, batch)
   states = {name: c[1] for name, c in contenders.items()}
 
@@ -213,14 +208,18 @@ def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) ->
     compile_s[name] = time.perf_counter() - t0
   run_torch(2)
   times: dict[str, list[float]] = {name: [] for name in [*contenders, "torch"]}
+  busy: dict[str, list[float]] = {name: [] for name in times}  # CPU seconds per wall second
   for _ in range(args.rounds):
     for name in times:
-      t0 = time.perf_counter()
+      c0, t0 = _common.cpu_seconds(), time.perf_counter()
       run_torch(args.steps_per_round) if name == "torch" else run_jax(name, args.steps_per_round)
-      times[name].append((time.perf_counter() - t0) / args.steps_per_round)
+      wall = time.perf_counter() - t0
+      times[name].append(wall / args.steps_per_round)
+      busy[name].append((_common.cpu_seconds() - c0) / wall)
   t = np.asarray(times["torch"])
   tokens = batch_size * seq_len
   out = {"batch_size": batch_size, "seq_len": seq_len, "torch_step_s": t.tolist(),
+         "torch_cores_busy": float(np.median(busy["torch"])),
          "torch_tokens_per_s": float(tokens / np.median(t)), "torch_attn_implementation": attn,
          "trainable_params_torch": int(sum(p.numel() for p in model.parameters()
                                            if p.requires_grad)), "jax": {}}
@@ -230,6 +229,7 @@ def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) ->
     out["jax"][name] = {"step_s": j.tolist(), "ratio_median": float(np.median(ratios)),
                         "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()),
                         "tokens_per_s": float(tokens / np.median(j)),
+                        "cores_busy": float(np.median(busy[name])),
                         "compile_and_warmup_s": compile_s[name]}
   out.update({k: out["jax"]["jax"][k] for k in ("ratio_median", "ratio_min", "ratio_max")},
              jax_step_s=out["jax"]["jax"]["step_s"],
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   info = _common.machine_info("vs_pytorch.py", argv)
   _common.print_machine(info)
-  print(f"threads: torch {threads['torch_threads']}, XLA {threads['xla_threads']}")
+  print(f"threads: torch {threads['torch_threads']}; process pinned to CPUs {threads['cpus']}")
   results: dict[str, Any] = {
       "machine": info, "threads": threads, "rounds": args.rounds,
       "steps_per_round": args.steps_per_round,
@@ -260,17 +260,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
       model_dir, vocab = minilm_path(), 30522
     print(f"{'batch x seq':>12s} {'step':16s} {'ms':>8s} {'/ torch':>8s} {'range':>13s} "
-          f"{'tokens/s':>9s}")
+          f"{'tokens/s':>9s} {'cores busy':>10s}")
     for batch_size, seq_len in args.settings:
       r = _setting(args, model_dir, batch_size, seq_len, vocab)
       results["settings"].append(r)
       for name, j in r["jax"].items():
         print(f"{batch_size:>5d} x {seq_len:<5d} {name:16s} {1e3 * np.median(j['step_s']):>8.1f} "
               f"{j['ratio_median']:>8.3f} {j['ratio_min']:>6.2f}-{j['ratio_max']:<6.2f} "
-              f"{j['tokens_per_s']:>9.0f}")
+              f"{j['tokens_per_s']:>9.0f} {j['cores_busy']:>10.2f}")
       print(f"{batch_size:>5d} x {seq_len:<5d} {'torch + peft':16s} "
             f"{1e3 * np.median(r['torch_step_s']):>8.1f} {1.0:>8.3f} {'':13s} "
-            f"{r['torch_tokens_per_s']:>9.0f}", flush=True)
+            f"{r['torch_tokens_per_s']:>9.0f} {r['torch_cores_busy']:>10.2f}", flush=True)
   _common.write_json(args.out, results)
   print(f"wrote {args.out}")
   return results

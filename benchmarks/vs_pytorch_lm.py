@@ -101,11 +101,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   jax_steps(2)  # compile + warm-up
   torch_steps(2)
   times: dict[str, list[float]] = {"jax": [], "torch": []}
+  busy: dict[str, list[float]] = {"jax": [], "torch": []}  # CPU seconds per wall second
   for _ in range(args.rounds):
     for name, steps in (("jax", jax_steps), ("torch", torch_steps)):
-      t0 = time.perf_counter()
+      c0, t0 = _common.cpu_seconds(), time.perf_counter()
       steps(args.steps_per_round)
-      times[name].append((time.perf_counter() - t0) / args.steps_per_round)
+      wall = time.perf_counter() - t0
+      times[name].append(wall / args.steps_per_round)
+      busy[name].append((_common.cpu_seconds() - c0) / wall)
   j, t = np.asarray(times["jax"]), np.asarray(times["torch"])
   tokens = args.batch_size * args.seq_len
   results = {"machine": info, "threads": threads, "model": sizes, "batch_size": args.batch_size,
@@ -113,12 +116,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "torch_step_s": t.tolist(), "ratio_median": float(np.median(j / t)),
              "ratio_min": float((j / t).min()), "ratio_max": float((j / t).max()),
              "jax_tokens_per_s": float(tokens / np.median(j)),
-             "torch_tokens_per_s": float(tokens / np.median(t))}
+             "torch_tokens_per_s": float(tokens / np.median(t)),
+             "jax_cores_busy": float(np.median(busy["jax"])),
+             "torch_cores_busy": float(np.median(busy["torch"]))}
   print(f"Llama {sizes['num_hidden_layers']}x{sizes['hidden_size']}, LoRA r=8 all-linear, "
         f"batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s): mgpo-jax / "
         f"PyTorch+PEFT step time {results['ratio_median']:.3f} (rounds "
         f"{results['ratio_min']:.2f}-{results['ratio_max']:.2f}); tokens/s "
-        f"{results['jax_tokens_per_s']:.0f} vs {results['torch_tokens_per_s']:.0f}")
+        f"{results['jax_tokens_per_s']:.0f} vs {results['torch_tokens_per_s']:.0f}; cores busy "
+        f"{results['jax_cores_busy']:.2f} vs {results['torch_cores_busy']:.2f}")
   _common.write_json(args.out, results)
   print(f"wrote {args.out}")
   return results

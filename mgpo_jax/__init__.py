@@ -25,6 +25,7 @@ _EXPORTS = {
                               "WeightPerturbation", "adapter_pairs", "cosine_ramp", "flat_lora",
                               "ggpo", "lora_weights", "mgpo_code"),
     "mgpo_jax.analysis": ("top_hessian_eigenvalue",),
+    "mgpo_jax.dropout": ("Dropout", "keep_mask"),
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),
     "mgpo_jax.train.checkpoint": ("CheckpointError", "Checkpointer"),

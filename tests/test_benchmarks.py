@@ -5,6 +5,7 @@ learning-rate choice match hand-computed references."""
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -374,7 +375,7 @@ def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
   assert "at the grid's edge; extending to" in capsys.readouterr().out
 
 
-def test_vs_pytorch_quick(tmp_path):
+def test_vs_pytorch_quick(tmp_path, keep_cpus):
   pytest.importorskip("torch")
   pytest.importorskip("peft")
   from benchmarks import vs_pytorch
@@ -387,6 +388,33 @@ def test_vs_pytorch_quick(tmp_path):
   assert s["ratio_min"] <= s["ratio_median"] <= s["ratio_max"] and s["ratio_median"] > 0
   assert s["jax_tokens_per_s"] > 0 and s["torch_tokens_per_s"] > 0
   assert results["threads"]["torch_threads"] == results["threads"]["threads"]
+  assert 0 < s["torch_cores_busy"] and 0 < s["jax"]["jax"]["cores_busy"]
+
+
+def test_vs_pytorch_diagnostics_build_the_model_they_name(tmp_path):
+  """Each --also variant changes exactly what it names, and only while its model is built."""
+  pytest.importorskip("torch")
+  from flax import nnx
+
+  from benchmarks import vs_pytorch
+  from mgpo_jax import Dropout, finetune
+  from mgpo_jax.finetune.config import FinetuneConfig
+
+  config = FinetuneConfig(model=vs_pytorch._tiny_checkpoint(tmp_path / "tiny"), rank=2,
+                          seq_len=8, pooling="cls")
+
+  def dropouts(variant):  # the model's (rate > 0 by default), not the adapters' (rate 0)
+    with vs_pytorch._patched(variant):
+      model, _ = finetune.build_model(config)
+    return [n for path, n in nnx.iter_graph(model)
+            if isinstance(n, nnx.Dropout) and path[-2:-1] not in (("query",), ("value",))]
+
+  ours = dropouts(None)
+  assert ours and all(type(n) is Dropout and n.rate > 0 for n in ours)
+  assert [type(n) for n in dropouts("nnx-dropout")] == [nnx.Dropout] * len(ours)
+  assert [(type(n), n.rate) for n in dropouts("no-dropout")] == [(Dropout, 0.0)] * len(ours)
+  assert [n.rate for n in dropouts("gelu-tanh")] == [n.rate for n in ours]
+  assert all(type(n) is Dropout for n in dropouts(None))  # the patches are undone
 
 
 @pytest.mark.slow  # about 30 s on 2 shared cores: one quick run plus timings
@@ -400,7 +428,16 @@ def test_study_estimate_quick(tmp_path, capsys):
   assert "projected full plan" in capsys.readouterr().out
 
 
-def test_vs_pytorch_lm_quick(tmp_path):
+@pytest.fixture
+def keep_cpus():
+  """The speed benchmarks pin their process to --threads CPUs: give the rest of the suite its
+  CPUs back (and see that the pinning happened)."""
+  cpus = os.sched_getaffinity(0)
+  yield cpus
+  os.sched_setaffinity(0, cpus)
+
+
+def test_vs_pytorch_lm_quick(tmp_path, keep_cpus):
   pytest.importorskip("peft")
   from benchmarks import vs_pytorch_lm
 
@@ -409,13 +446,14 @@ def test_vs_pytorch_lm_quick(tmp_path):
   assert len(results["jax_step_s"]) == len(results["torch_step_s"]) == results["rounds"]
   assert results["ratio_min"] <= results["ratio_median"] <= results["ratio_max"]
   assert results["jax_tokens_per_s"] > 0 and results["torch_tokens_per_s"] > 0
+  assert results["jax_cores_busy"] > 0 and results["torch_cores_busy"] > 0
+  assert os.sched_getaffinity(0) == {min(keep_cpus)}  # --threads 1: one CPU
 
 
 def test_scale_quick(tmp_path):
   """benchmarks/scale.py --quick in a subprocess (it needs 8 fake devices; this process has 4):
   each fsdp layout holds 1/fsdp of the frozen kernels per device (plus the replicated norms),
   the bytes counted from the shardings equal the bytes placed, and remat lowers XLA's temp."""
-  import os
   import subprocess
 
   out = tmp_path / "scale.json"

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgpo_jax.dropout import Dropout
 from mgpo_jax.lora.config import LoraConfig
 from mgpo_jax.lora.init import init_factors
 
@@ -190,7 +191,7 @@ class LoraLinear(nnx.Module):
     self.lora_a = nnx.LoRAParam(a)
     self.lora_b = nnx.LoRAParam(b)
     # Built in eval mode, like the shipped models' dropouts: ``model.train()`` turns it on.
-    self.dropout = nnx.Dropout(
+    self.dropout = Dropout(
       config.dropout, deterministic=True, rngs=rngs if config.dropout > 0 else None
     )
     self.perturbation = Perturbation(None)

@@ -4,7 +4,8 @@ Module paths mirror ``transformers``' PyTorch ``BertModel`` exactly (``encoder.l
 .self.query`` and so on), so PEFT adapter names are ``"base_model.model." + path`` and HF
 checkpoints load by name (see :mod:`mgpo_jax.models._hf`).
 
-Dropout: every dropout layer is built in eval mode (deterministic). ``model.train()`` turns them
+Dropout (:class:`mgpo_jax.dropout.Dropout`: ``nnx.Dropout`` with masks from 16-bit uniforms):
+every dropout layer is built in eval mode (deterministic). ``model.train()`` turns them
 on, ``model.eval()`` off again (the NNX idiom); ``nnx.view(model, deterministic=False)`` gives a
 training view without changing ``model``. Each dropout layer draws from its own ``"dropout"``
 stream forked from the constructor's ``rngs`` (``nnx.Rngs(0)`` works: ``"dropout"`` falls back
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from mgpo_jax.dropout import Dropout
 from mgpo_jax.models import _hf
 from mgpo_jax.models import remat as _remat
 
@@ -31,8 +33,8 @@ POOLINGS = ("cls", "mean")
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")  # non-persistent in HF
 
 
-def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
-  return nnx.Dropout(rate, deterministic=True, rngs=rngs)
+def _dropout(rate: float, rngs: nnx.Rngs) -> Dropout:
+  return Dropout(rate, deterministic=True, rngs=rngs)
 
 
 class BertEmbeddings(nnx.Module):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from mgpo_jax.dropout import Dropout
 from mgpo_jax.models import _hf
 from mgpo_jax.models import remat as _remat
 
@@ -83,7 +84,7 @@ class LlamaAttention(nnx.Module):
     self.k_proj = nnx.Linear(config.hidden_size, kv_dim, **kw)
     self.v_proj = nnx.Linear(config.hidden_size, kv_dim, **kw)
     self.o_proj = nnx.Linear(q_dim, config.hidden_size, **kw)
-    self.dropout = nnx.Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
+    self.dropout = Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
 
   def __call__(
     self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
