@@ -148,6 +148,34 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
   return summary
 
 
+def table(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+  """The summary as a markdown table: per rank and method, mean ± std over seeds and the
+  paired difference to LoRA (same seeds) with its 95% t-interval."""
+  def pm(stats):
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+
+  def diff(row, key):
+    st = row.get("paired", {}).get(key)
+    if st is None:
+      return "—"
+    if st["low"] is None:
+      return f"{st['mean']:+.4f} (1 seed)"
+    bold = "**" if st["established"] else ""  # the interval excludes 0
+    return f"{bold}{st['mean']:+.4f} [{st['low']:+.4f}, {st['high']:+.4f}]{bold}"
+
+  lines = ["| r = alpha | method | seeds | bump | final loss | test acc | Δ bump vs LoRA [95% CI] "
+           "| Δ test acc vs LoRA [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+  ranks = sorted({int(k) for rows in summary.values() for k in rows})
+  for rank in ranks:
+    for method, rows in summary.items():
+      row = rows.get(str(rank))
+      if row is not None:
+        lines.append(f"| {rank} | {method} | {len(row['seeds'])} | {pm(row['bump'])} | "
+                     f"{pm(row['final_loss'])} | {pm(row['test_accuracy'])} | "
+                     f"{diff(row, 'bump')} | {diff(row, 'test_accuracy')} |")
+  return lines
+
+
 def _plot(runs: list[dict], summary: dict, path: pathlib.Path, title: str) -> None:
   """Top row: per rank, each method's smoothed training loss (mean over seeds, band: min to
   max). Bottom row: bump, final loss and test accuracy against the rank (mean ± std)."""
@@ -235,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   _plot(runs, summary, args.plot,
         f"{results['protocol']['model']} LoRA (alpha = r), lr {args.lr:g}, {args.steps} steps "
         f"x batch {args.batch_size}, seq {args.seq_len}, seeds 0-{args.seeds - 1}")
+  print("\n".join(table(summary)))
   print(f"wrote {args.out} and {args.plot} in {results['seconds']:.0f} s")
   return results
 

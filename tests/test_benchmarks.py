@@ -155,9 +155,11 @@ def test_double_descent_quick_seeds_resume_and_pair(tmp_path, capsys):
   assert "paired" not in results["summary"]["lora"]["4"]
   # Resume: every run has its file, so a second call trains nothing and gives the same runs.
   assert len(list(results_dir.glob("*/r4_seed*.json"))) == 4
-  capsys.readouterr()
+  table = capsys.readouterr().out
+  mean = row["paired"]["test_accuracy"]
+  assert "| 4 | mgpo-paper | 2 | " in table and f"{mean['mean']:+.4f} [" in table
   again = double_descent.main(argv)
-  assert "test acc" not in capsys.readouterr().out  # no run was trained again
+  assert ": bump " not in capsys.readouterr().out  # no run was trained again
   assert again["runs"] == runs
   # A file made with other settings is not silently reused.
   with pytest.raises(SystemExit, match=r"r4_seed0.json was made with lr=0.005 \(now 0.01\)"):
