@@ -11,13 +11,14 @@ a 2-way head), LoRA r = 8, alpha = 16 on query and value, the head trained in fu
   classifier is in ``modules_to_save``), ``torch.optim.AdamW`` on the trainable params;
   ``zero_grad``, forward with labels, ``backward``, ``step``.
 
-Both run in ONE process with the same thread budget (``torch.set_num_threads(N)`` and XLA's
-CPU intra-op threads, set through ``XLA_FLAGS`` before JAX is imported), after warm-up,
-interleaved: rounds of ``jax, torch`` each timing a few steps (``--also`` adds variants of
-mgpo-jax's step to the same rounds, :data:`DIAGNOSTICS`: A/B tests of our model code). Reported: the
-median over rounds of the per-round ratio jax / torch, and tokens (batch x sequence) per
-second. On a machine shared with other jobs, ``--threads 1`` avoids PyTorch's OpenMP threads
-contending for oversubscribed cores.
+Both run in ONE process with the same CPU budget: :func:`set_threads` pins the process to
+``--threads`` CPUs and sets ``torch.set_num_threads``; each timed block also records the CPU
+seconds per wall second it kept busy ("cores busy"), which shows the budget was equal. After
+warm-up, interleaved: rounds of ``jax, torch`` each timing a few steps (``--also`` adds
+variants of mgpo-jax's step to the same rounds, :data:`DIAGNOSTICS`: A/B tests of our model
+code). Reported: the median over rounds of the per-round ratio jax / torch, and tokens (batch
+x sequence) per second. On a machine shared with other jobs, ``--threads 1`` avoids PyTorch's
+OpenMP threads contending for oversubscribed cores.
 
     python benchmarks/vs_pytorch.py           # MiniLM at 16x64, 32x64, 32x128
     python benchmarks/vs_pytorch.py --quick   # a tiny random BERT, seconds

@@ -3,15 +3,19 @@
 ``nnx.Dropout`` draws one 32-bit threefry word per element (``jax.random.bernoulli``). Dropout
 needs far less resolution, so :class:`Dropout` splits each 32-bit word into two 16-bit
 uniforms ``u``, keeps an element when ``u >= t`` with ``t = round(rate · 2^16)``, and scales the
-kept ones by ``1 / (1 - t / 2^16)``, so that ``E[dropout(x)] = x`` exactly. The drop
-probability is the rate rounded to a multiple of ``2^-16`` (0.1 becomes 0.1000061). On CPU the
-random words are most of a mask's cost: a MiniLM LoRA train step was 9-12% faster than with
-``nnx.Dropout`` at batch x sequence 16 x 64 and 32 x 128 on one core (``benchmarks/vs_pytorch.py
---also nnx-dropout``; ``docs/benchmarks.md``, section 4).
+kept ones by ``1 / (1 - t / 2^16)``, so that ``E[dropout(x)] = x`` (exactly, up to rounding that
+scale to the input's dtype, as ``nnx.Dropout`` does). The drop probability is the rate rounded
+to a multiple of ``2^-16`` (0.1 becomes 0.1000061). On CPU the random words are most of a
+mask's cost: a MiniLM LoRA train step was 8-12% faster than with ``nnx.Dropout`` at batch x
+sequence 16 x 64 to 32 x 128 on one core (``benchmarks/vs_pytorch.py --also nnx-dropout``;
+``docs/benchmarks.md``, section 4).
 
 Everything else is ``nnx.Dropout``'s: ``deterministic`` (``model.train()`` / ``model.eval()``,
-``nnx.view``), the ``rngs`` stream (forked at construction, or given per call) and
-``broadcast_dims``. The masks differ from ``nnx.Dropout``'s for the same key.
+``nnx.view``), the ``rngs`` stream (forked at construction, or given per call),
+``broadcast_dims`` and explicit sharding (the mask takes the input's sharding). The masks
+differ from ``nnx.Dropout``'s for the same key. Element ``j`` of the last axis shares its word
+with element ``j + ceil(n / 2)``, so leading axes keep their sharding, while a sharded last
+axis costs a collective to build the mask.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class Dropout(nnx.Dropout):
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
     deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic is None:
+      raise ValueError("Dropout: deterministic is None; give deterministic=True/False at "
+                       "construction or in the call, or use model.train() / model.eval()")
     threshold = round(self.rate * _LEVELS)
     if deterministic or threshold == 0:
       return inputs
@@ -69,8 +76,14 @@ class Dropout(nnx.Dropout):
     if isinstance(stream, nnx.Rngs):
       stream = stream[self.rng_collection]
     key = stream() if isinstance(stream, nnx.RngStream) else stream
+    if any(not -inputs.ndim <= d < inputs.ndim for d in self.broadcast_dims):
+      raise ValueError(f"Dropout: broadcast_dims={self.broadcast_dims} out of range for an "
+                       f"input of {inputs.ndim} dimensions")
     shared = {d % inputs.ndim for d in self.broadcast_dims}
     shape = tuple(1 if d in shared else s for d, s in enumerate(inputs.shape))
     keep = jnp.broadcast_to(keep_mask(key, shape, self.rate), inputs.shape)
+    spec = getattr(jax.typeof(inputs).sharding, "spec", ())
+    if any(axis is not None for axis in spec):  # explicit sharding: the mask follows the input
+      keep = jax.sharding.reshard(keep, spec)
     scale = jnp.asarray(_LEVELS / (_LEVELS - threshold), inputs.dtype)
     return jnp.where(keep, inputs * scale, jnp.zeros_like(inputs))

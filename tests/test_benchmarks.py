@@ -431,12 +431,17 @@ def test_study_estimate_quick(tmp_path, capsys):
 
 
 @pytest.fixture
-def keep_cpus():
-  """The speed benchmarks pin their process to --threads CPUs: give the rest of the suite its
-  CPUs back (and see that the pinning happened)."""
-  cpus = os.sched_getaffinity(0)
+def keep_cpus(monkeypatch):
+  """The speed benchmarks pin their process to --threads CPUs, set torch's thread count and
+  may add to XLA_FLAGS: give the rest of the suite its CPUs, threads and environment back."""
+  if not hasattr(os, "sched_getaffinity"):
+    pytest.skip("CPU pinning needs os.sched_getaffinity (Linux)")
+  torch = pytest.importorskip("torch")
+  cpus, threads = os.sched_getaffinity(0), torch.get_num_threads()
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored afterwards
   yield cpus
   os.sched_setaffinity(0, cpus)
+  torch.set_num_threads(threads)
 
 
 def test_vs_pytorch_lm_quick(tmp_path, keep_cpus):

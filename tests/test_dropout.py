@@ -33,6 +33,27 @@ def test_the_two_halves_of_a_word_are_independent():
   assert abs((mask[:, 1:] == mask[:, :-1]).mean() - 0.5) < 5 * np.sqrt(0.25 / mask[:, 1:].size)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 9), (10,), ()])
+@pytest.mark.parametrize("rate", [0.1, 0.37])
+def test_mask_is_the_reference_bit_for_bit(shape, rate):
+  """An independent rebuild from the documented layout: row ``words`` of ``jax.random.bits``,
+  the low halves for elements 0 .. m-1 and the high halves for m .. 2m-1, kept when
+  ``u >= round(rate * 2^16)``; and the layer computes ``where(keep, x * 2^16 / (2^16 - t), 0)``
+  with that mask for a key given in the call."""
+  key = jax.random.key(11)
+  lead, n = (shape[:-1], shape[-1]) if shape else ((), 1)
+  m = -(-n // 2)
+  words = np.asarray(jax.random.bits(key, (*lead, m), jnp.uint32)).astype(np.int64)
+  uniforms = np.concatenate([words % 2**16, words // 2**16], axis=-1)[..., :n]
+  t = int(np.floor(rate * 2**16 + 0.5))
+  want = (uniforms >= t).reshape(shape)
+  np.testing.assert_array_equal(np.asarray(keep_mask(key, shape, rate)), want)
+  x = np.asarray(jax.random.normal(jax.random.key(12), shape), np.float32)
+  y = Dropout(rate, rngs=nnx.Rngs(0))(jnp.asarray(x), rngs=key)
+  scale = np.float32(2**16 / (2**16 - t))
+  np.testing.assert_array_equal(np.asarray(y), np.where(want, x * scale, 0).astype(np.float32))
+
+
 def test_dropout_is_unbiased_and_scaled():
   x = jax.random.normal(jax.random.key(3), (8, 4096))
   y = Dropout(0.1, rngs=nnx.Rngs(0))(x)
@@ -62,6 +83,18 @@ def test_interface_matches_nnx_dropout():
   assert (shared.all(axis=1) | (~shared).all(axis=1)).all()  # one mask value per row
   with pytest.raises(ValueError, match="no rngs"):
     Dropout(0.5)(x)
+  with pytest.raises(ValueError, match="deterministic is None"):
+    Dropout(0.5, deterministic=None, rngs=nnx.Rngs(0))(x)
+  with pytest.raises(ValueError, match="broadcast_dims"):
+    Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))(x)
+  rows = np.asarray(Dropout(0.5, broadcast_dims=(0,), rngs=nnx.Rngs(2))(x) == 0)
+  assert (rows == rows[0]).all() and 0 < rows[0].sum() < 10  # one mask value per column
+  # Per-call Rngs and RngStream draw from what is given, like nnx.Dropout.
+  for given in (lambda: nnx.Rngs(dropout=5), lambda: nnx.Rngs(dropout=5).dropout):
+    np.testing.assert_array_equal(layer(x, deterministic=False, rngs=given()),
+                                  layer(x, deterministic=False, rngs=given()))
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert Dropout(0.1, rngs=nnx.Rngs(0))(x.astype(dtype)).dtype == dtype
 
 
 def test_model_train_and_eval_switch_it_under_jit():
@@ -81,3 +114,27 @@ def test_model_train_and_eval_switch_it_under_jit():
   assert 0 < int((a == 0).sum()) < 64 and not np.array_equal(a, b)  # fresh masks each call
   net.eval()
   np.testing.assert_array_equal(step(net, x), x)
+
+
+def test_explicit_and_manual_sharding():
+  """Under an explicit mesh the output keeps the input's sharding (on either axis) and equals
+  the unsharded result for the same key; inside shard_map it runs on the local blocks."""
+  from jax.sharding import AxisType, PartitionSpec as P
+
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 CPU devices)")
+  x = jax.random.normal(jax.random.key(0), (8, 12))
+  layer = Dropout(0.3, rngs=nnx.Rngs(0))
+  want = layer(x, rngs=jax.random.key(4))
+  mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    for spec in (P("x", None), P(None, "x")):
+      xs = jax.device_put(x, spec)
+      y = jax.jit(lambda v: layer(v, rngs=jax.random.key(4)))(xs)
+      assert jax.typeof(y).sharding.spec == spec
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  auto = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Auto,))
+  f = jax.shard_map(lambda v: layer(v, rngs=jax.random.key(4)), mesh=auto, in_specs=P("x"),
+                    out_specs=P("x"))
+  y = np.asarray(jax.jit(f)(x))
+  assert y.shape == x.shape and 0 < (y == 0).mean() < 0.6
