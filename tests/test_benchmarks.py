@@ -372,6 +372,12 @@ def test_study_report_is_what_the_committed_results_give(tmp_path):
     assert "\n".join(lines[start:end]) in docs
 
 
+def test_double_descent_table_is_what_the_committed_summary_gives():
+  summary = json.loads((_common.RESULTS / "double_descent.json").read_text())["summary"]
+  table = "\n".join(double_descent.table(summary))
+  assert "| 256 | ggpo | 3 |" in table and table in (_common.DOCS / "benchmarks.md").read_text()
+
+
 def test_study_grid_extends_a_best_rate_at_the_edge(tmp_path, capsys):
   """One rate is always at the edge: ``--extend 1`` tries exactly one more, a factor 3 away."""
   flags = ["--quick", "--variants", "lora", "--lrs", "3e-3", "--extend", "1",
