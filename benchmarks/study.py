@@ -429,6 +429,8 @@ def phase_seeds(args, info) -> None:
 # -- report --------------------------------------------------------------------------------------
 
 def _pm(values: list[float], digits: int = 4) -> str:
+  if len(values) == 1:  # no spread to show
+    return f"{values[0]:.{digits}f}"
   mean, std = _common.mean_std(values)
   return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
