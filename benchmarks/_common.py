@@ -30,8 +30,9 @@ def enable_compilation_cache(path: str | os.PathLike = "/tmp/mgpo_jax_xla_cache"
 
 
 def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
-  """CPU model, core count, JAX backend and devices, library versions and the command that
-  runs ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
+  """CPU model, core count, JAX backend and devices, the default matmul precision (on GPUs
+  JAX's "default" is TF32), library versions and the command that runs
+  ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
   import jax
 
   cpu = platform.processor() or "unknown"
@@ -47,7 +48,9 @@ def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
   argv = sys.argv[1:] if argv is None else argv
   command = " ".join([".venv/bin/python", f"benchmarks/{script}", *map(shlex.quote, argv)])
   return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
+          "devices": [str(d) for d in jax.devices()],
+          "matmul_precision": jax.config.jax_default_matmul_precision or "default",
+          "python": platform.python_version(),
           "versions": versions, "command": command}
 
 
