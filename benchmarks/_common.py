@@ -9,6 +9,7 @@ import os
 import pathlib
 import platform
 import shlex
+import subprocess
 import sys
 from importlib import metadata
 from typing import Any
@@ -31,7 +32,8 @@ def enable_compilation_cache(path: str | os.PathLike = "/tmp/mgpo_jax_xla_cache"
 
 def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
   """CPU model, core count, JAX backend and devices, the default matmul precision (on GPUs
-  JAX's "default" is TF32), library versions and the command that runs
+  JAX's "default" is TF32), library versions, the git commit of this checkout (``+dirty``
+  with uncommitted changes; ``None`` outside git) and the command that runs
   ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
   import jax
 
@@ -51,7 +53,17 @@ def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
           "devices": [str(d) for d in jax.devices()],
           "matmul_precision": jax.config.jax_default_matmul_precision or "default",
           "python": platform.python_version(),
-          "versions": versions, "command": command}
+          "versions": versions, "commit": _git_commit(), "command": command}
+
+
+def _git_commit() -> str | None:
+  def git(*args):
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+  try:
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
 
 
 def cpu_seconds() -> float:

@@ -152,6 +152,19 @@ def _noisy_matmul_bwd(precision, residuals, g):
 _noisy_matmul.defvjp(_noisy_matmul_fwd, _noisy_matmul_bwd)
 
 
+def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """``(x a) b`` for ``x`` of shape ``(..., in)``, computed on ``x`` flattened to rows ``(N, in)``.
+
+  Same values as ``x @ a @ b``; the reshape is for XLA:CPU, which otherwise computes the
+  backward's ``hᵀ g`` (``h = x a``, contracting over batch AND sequence dims) by first copying
+  the output gradient ``g`` into a transposed layout, one copy per adapter per step
+  (measured: a third of a LoRA matmul chain's backward time with ``(4, 128, 512)`` inputs).
+  """
+  rows = x.reshape(-1, x.shape[-1])
+  mm = lambda p, q: jnp.matmul(p, q, precision=precision)  # noqa: E731
+  return mm(mm(rows, a), b).reshape(*x.shape[:-1], b.shape[-1])
+
+
 class Perturbation(nnx.Variable):
   """Holds a LoRA module's perturbation for one step: ``None``, :class:`LowRank` or
   :class:`DenseNoise`. Not a ``Param``: neither trainable nor frozen weights."""
@@ -212,11 +225,10 @@ class LoraLinear(nnx.Module):
                         self.precision)
     else:
       y = self.dot_general(inputs, kernel, dims, precision=self.precision, **kwargs)
-    mm = lambda p, q: jnp.matmul(p, q, precision=self.precision)  # noqa: E731
-    y = y + self.scaling * mm(mm(self.dropout(inputs), a), b)
+    y = y + self.scaling * _low_rank(self.dropout(inputs), a, b, self.precision)
     if isinstance(p, LowRank):
       u, v = jax.lax.stop_gradient((p.u, p.v))
-      y = y + mm(mm(inputs, u.astype(inputs.dtype)), v.astype(inputs.dtype))
+      y = y + _low_rank(inputs, u.astype(inputs.dtype), v.astype(inputs.dtype), self.precision)
     if bias is not None:
       y = y + bias
     return y
