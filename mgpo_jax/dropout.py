@@ -33,7 +33,10 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   are drawn along the last axis, so leading axes keep their sharding)."""
   *lead, n = shape or (1,)
   words = jax.random.bits(key, (*lead, -(-n // 2)), jnp.uint32)
-  uniforms = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :n]
+  # (..., 2, m): the low halves, then the high halves; shifting a broadcast (not concatenating)
+  # keeps the whole mask in one fused loop with its consumer.
+  halves = (words[..., None, :] >> jnp.array([[0], [16]], jnp.uint32)) & 0xFFFF
+  uniforms = halves.reshape(*lead, -1)[..., :n]
   return (uniforms >= jnp.uint32(round(rate * _LEVELS))).reshape(shape)
 
 
