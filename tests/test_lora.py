@@ -125,6 +125,40 @@ def test_forward_matches_dense_effective_kernel(use_rslora, use_bias):
   np.testing.assert_allclose(layer(x), _dense_ref(layer, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(7,), (6, 7), (2, 4, 7), (2, 3, 2, 7)])
+def test_adapter_path_on_rows_gives_the_dense_outputs_and_gradients(shape):
+  """The adapter path runs on the input flattened to rows ``(N, in)``: outputs and the
+  gradients of A and B equal float64 references for inputs of any rank."""
+  layer = _single(alpha=5.0)
+  _randomize_adapters(layer, seed=5)
+  x = jax.random.normal(jax.random.key(2), shape)
+  g = np.asarray(jax.random.normal(jax.random.key(3), (*shape[:-1], 5)), np.float64)
+  y = layer(x)
+  assert y.shape == (*shape[:-1], 5)
+  np.testing.assert_allclose(y, _dense_ref(layer, x), rtol=1e-5, atol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) * g), argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+  rows = np.asarray(x, np.float64).reshape(-1, 7)
+  d_w = rows.T @ g.reshape(-1, 5)  # dL/dW_eff
+  a, b = np.asarray(layer.lora_a[...], np.float64), np.asarray(layer.lora_b[...], np.float64)
+  np.testing.assert_allclose(grads.lora_a[...], layer.scaling * d_w @ b.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads.lora_b[...], layer.scaling * a.T @ d_w, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_path_keeps_the_batch_sharding_under_an_explicit_mesh():
+  from jax.sharding import AxisType, PartitionSpec as P
+
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 CPU devices)")
+  layer = _single()
+  _randomize_adapters(layer, seed=6)
+  x = jax.random.normal(jax.random.key(4), (8, 3, 7))
+  mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    y = nnx.jit(lambda m, v: m(v))(layer, jax.device_put(x, P("x", None, None)))
+    assert jax.typeof(y).sharding.spec == P("x", None, None)
+  np.testing.assert_allclose(np.asarray(y), _dense_ref(layer, x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("init", ["default", "gaussian"])
 def test_init_leaves_function_unchanged(init):
   base = Tiny(nnx.Rngs(0))
