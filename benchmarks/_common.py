@@ -33,8 +33,8 @@ def enable_compilation_cache(path: str | os.PathLike = "/tmp/mgpo_jax_xla_cache"
 def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
   """CPU model, core count, JAX backend and devices, the default matmul precision (on GPUs
   JAX's "default" is TF32), library versions, the git commit of this checkout (``+dirty``
-  with uncommitted changes; ``None`` outside git) and the command that runs
-  ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
+  with uncommitted changes outside benchmarks/results and docs; ``None`` outside git) and the
+  command that runs ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
   import jax
 
   cpu = platform.processor() or "unknown"
@@ -61,7 +61,8 @@ def _git_commit() -> str | None:
     return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip()
   try:
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+    dirty = git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results", ":!docs")
+    return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     return None
 
@@ -79,6 +80,8 @@ def print_machine(info: dict[str, Any]) -> None:
   print(f"machine: {info['cpu']}, {info['cores']} cores, JAX backend {info['backend']} "
         f"({len(info['devices'])} device(s))")
   print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+  print(f"devices: {', '.join(info['devices'])}; matmul precision "
+        f"{info.get('matmul_precision', 'default')}; commit {info.get('commit')}")
   print(f"command: {info['command']}")
 
 

@@ -36,7 +36,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
   # (..., 2, m): the low halves, then the high halves; shifting a broadcast (not concatenating)
   # keeps the whole mask in one fused loop with its consumer.
   halves = (words[..., None, :] >> jnp.array([[0], [16]], jnp.uint32)) & 0xFFFF
-  uniforms = halves.reshape(*lead, -1)[..., :n]
+  uniforms = halves.reshape(*lead, 2 * words.shape[-1])[..., :n]
   return (uniforms >= jnp.uint32(round(rate * _LEVELS))).reshape(shape)
 
 

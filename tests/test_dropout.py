@@ -138,3 +138,9 @@ def test_explicit_and_manual_sharding():
                     out_specs=P("x"))
   y = np.asarray(jax.jit(f)(x))
   assert y.shape == x.shape and 0 < (y == 0).mean() < 0.6
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (2, 0, 5), (3, 0)])
+def test_empty_shapes_give_empty_masks(shape):
+  mask = keep_mask(jax.random.key(0), shape, 0.3)
+  assert mask.shape == shape and mask.dtype == jnp.bool_

@@ -144,19 +144,35 @@ def test_adapter_path_on_rows_gives_the_dense_outputs_and_gradients(shape):
   np.testing.assert_allclose(grads.lora_b[...], layer.scaling * a.T @ d_w, rtol=1e-4, atol=1e-4)
 
 
-def test_adapter_path_keeps_the_batch_sharding_under_an_explicit_mesh():
+@pytest.mark.parametrize("spec", [("x", None, None), (None, "x", None), ("x", "y", None),
+                                  (("x", "y"), None, None)])
+def test_adapter_path_keeps_the_input_sharding_under_an_explicit_mesh(spec):
+  """Flattening to rows must not break explicit layouts: batch-, sequence- and two-axis
+  sharded inputs give the dense result with the input's sharding (the adapter path alone
+  too), and a gradient."""
   from jax.sharding import AxisType, PartitionSpec as P
+
+  from mgpo_jax.lora.layer import _low_rank
 
   if jax.device_count() < 4:
     pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 CPU devices)")
   layer = _single()
   _randomize_adapters(layer, seed=6)
-  x = jax.random.normal(jax.random.key(4), (8, 3, 7))
-  mesh = jax.make_mesh((4,), ("x",), axis_types=(AxisType.Explicit,))
+  x = jax.random.normal(jax.random.key(4), (8, 4, 7))
+  mesh = jax.make_mesh((2, 2), ("x", "y"), axis_types=(AxisType.Explicit,) * 2)
   with jax.set_mesh(mesh):
-    y = nnx.jit(lambda m, v: m(v))(layer, jax.device_put(x, P("x", None, None)))
-    assert jax.typeof(y).sharding.spec == P("x", None, None)
+    xs = jax.device_put(x, P(*spec))
+    y = nnx.jit(lambda m, v: m(v))(layer, xs)
+    assert jax.typeof(y).sharding.spec == P(*spec)
+    a, b = layer.lora_a[...], layer.lora_b[...]
+    low = jax.jit(lambda v: _low_rank(v, a, b, None))(xs)
+    assert jax.typeof(low).sharding.spec == P(*spec)
+    grads = nnx.grad(lambda m, v: jnp.sum(m(v) ** 2),
+                     argnums=nnx.DiffState(0, nnx.LoRAParam))(layer, xs)
   np.testing.assert_allclose(np.asarray(y), _dense_ref(layer, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(low), np.asarray(x) @ np.asarray(a) @ np.asarray(b),
+                             rtol=1e-5, atol=1e-5)
+  assert np.all(np.isfinite(np.asarray(grads.lora_a[...])))
 
 
 @pytest.mark.parametrize("init", ["default", "gaussian"])
