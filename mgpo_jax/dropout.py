@@ -6,9 +6,9 @@ uniforms ``u``, keeps an element when ``u >= t`` with ``t = round(rate · 2^16)`
 kept ones by ``1 / (1 - t / 2^16)``, so that ``E[dropout(x)] = x`` (exactly, up to rounding that
 scale to the input's dtype, as ``nnx.Dropout`` does). The drop probability is the rate rounded
 to a multiple of ``2^-16`` (0.1 becomes 0.1000061). On CPU the random words are most of a
-mask's cost: a MiniLM LoRA train step was 8-12% faster than with ``nnx.Dropout`` at batch x
-sequence 16 x 64 to 32 x 128 on one core (``benchmarks/vs_pytorch.py --also nnx-dropout``;
-``docs/benchmarks.md``, section 4).
+mask's cost: when this landed, a MiniLM LoRA train step was 8-12% faster than with
+``nnx.Dropout`` at batch x sequence 16 x 64 to 32 x 128 on one core
+(``benchmarks/vs_pytorch.py --also nnx-dropout``; ``docs/benchmarks.md``, section 4).
 
 Everything else is ``nnx.Dropout``'s: ``deterministic`` (``model.train()`` / ``model.eval()``,
 ``nnx.view``), the ``rngs`` stream (forked at construction, or given per call),
