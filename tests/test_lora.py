@@ -455,10 +455,11 @@ def test_zero_perturbation_changes_nothing():
     chex.assert_trees_all_equal(model(ids), y_model)
 
 
-def test_low_rank_and_dense_perturbations_equal_dense_reference():
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 7), (2, 3, 2, 7)])
+def test_low_rank_and_dense_perturbations_equal_dense_reference(shape):
   layer = _single(alpha=4.0)
   _randomize_adapters(layer, 5)
-  x = jax.random.normal(jax.random.key(6), (3, 4, 7))
+  x = jax.random.normal(jax.random.key(6), shape)
   rng = np.random.default_rng(0)
   u, v = rng.normal(size=(7, 2)).astype(np.float32), rng.normal(size=(2, 5)).astype(np.float32)
   class Wrap(nnx.Module):
