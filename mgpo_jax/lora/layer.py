@@ -154,12 +154,12 @@ _noisy_matmul.defvjp(_noisy_matmul_fwd, _noisy_matmul_bwd)
 
 
 def _low_rank(x: jax.Array, a: jax.Array, b: jax.Array, precision) -> jax.Array:
-  """``(x a) b`` for ``x`` of shape ``(..., in)``, computed on ``x`` flattened to rows ``(N, in)``.
+  """``(x a) b`` for ``x`` of shape ``(..., in)``, computed on ``x`` flattened to ``(N, in)``.
 
   Same values as ``x @ a @ b``; the reshape is for XLA:CPU, which otherwise computes the
   backward's ``hᵀ g`` (``h = x a``, contracting over batch AND sequence dims) by first copying
-  the output gradient ``g`` into a transposed layout, one copy per adapter per step
-  (measured: a third of a LoRA matmul chain's backward time with ``(4, 128, 512)`` inputs).
+  the output gradient ``g`` into a transposed layout, one copy per adapter per step (in a
+  profile of a LoRA Llama step: 99 of 803 ms; see docs/benchmarks.md, section 4).
   Inputs whose middle dims are sharded in their type (an explicit mesh) are left unflattened:
   merging a sharded middle dim is a reshape the sharding rules reject.
   """
