@@ -31,8 +31,9 @@ def enable_compilation_cache(path: str | os.PathLike = "/tmp/mgpo_jax_xla_cache"
 
 
 def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
-  """CPU model, core count, JAX backend and devices, the default matmul precision (on GPUs
-  JAX's "default" is TF32), library versions, the git commit of this checkout (``+dirty``
+  """CPU model, core count, the CPUs this process may run on (``taskset``), ``XLA_FLAGS``,
+  JAX backend and devices, the default matmul precision (on GPUs JAX's "default" is TF32),
+  library versions, the git commit of this checkout (``+dirty``
   with uncommitted changes outside benchmarks/results and docs; ``None`` outside git) and the
   command that runs ``benchmarks/<script>`` with ``argv`` (default ``sys.argv[1:]``)."""
   import jax
@@ -49,7 +50,8 @@ def machine_info(script: str, argv: list[str] | None) -> dict[str, Any]:
       versions[name] = metadata.version(name)
   argv = sys.argv[1:] if argv is None else argv
   command = " ".join([".venv/bin/python", f"benchmarks/{script}", *map(shlex.quote, argv)])
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+  return {"cpu": cpu, "cores": os.cpu_count(), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()],
           "matmul_precision": jax.config.jax_default_matmul_precision or "default",
           "python": platform.python_version(),
@@ -82,6 +84,8 @@ def print_machine(info: dict[str, Any]) -> None:
   print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
   print(f"devices: {', '.join(info['devices'])}; matmul precision "
         f"{info.get('matmul_precision', 'default')}; commit {info.get('commit')}")
+  if "cpu_affinity" in info:
+    print(f"CPUs usable: {info['cpu_affinity']}; XLA_FLAGS {info['xla_flags'] or '(unset)'}")
   print(f"command: {info['command']}")
 
 

@@ -288,6 +288,8 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   r = json.loads(files[0].read_text())
   assert r["machine"]["command"].startswith(".venv/bin/python benchmarks/study.py all --quick")
   assert "jax" in r["machine"]["versions"] and r["config"]["steps"] == 6  # ceil(96 / 16)
+  assert r["machine"]["cpu_affinity"] == sorted(os.sched_getaffinity(0))  # taskset is recorded
+  assert r["machine"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
   assert r["config"]["rank"] == 8 and r["config"]["alpha"] == 16.0
   assert r["val_accuracy"] == pytest.approx(r["val_accuracy_check"])  # predictions agree
   assert 0 <= r["test_macro_f1"] <= 1 and math.isfinite(r["top_hessian_eigenvalue"])
