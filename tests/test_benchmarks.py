@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -194,7 +195,7 @@ def test_paired_t_interval_hand_computed():
   assert r["sd"] == pytest.approx(0.0181659, abs=1e-6)
   assert r["low"] == pytest.approx(0.016 - 0.0225557, abs=1e-6)
   assert r["high"] == pytest.approx(0.016 + 0.0225557, abs=1e-6)
-  assert not r["established"]  # the interval holds 0
+  assert not r["established"] and r["positive"] == 4  # the interval holds 0; 4 of 5 above
   # d = 0.01, 0.02, 0.015, 0.012, 0.018: mean 0.015, sd sqrt(6.8e-5 / 4) = 0.00412311,
   # half-width 2.776445 * 0.00184391 = 0.00511951: [0.00988049, 0.0201195] excludes 0.
   r = _common.paired_t_interval([0.01, 0.02, 0.015, 0.012, 0.018], [0.0] * 5)
@@ -204,7 +205,7 @@ def test_paired_t_interval_hand_computed():
   # The same, negative: established too; one pair: no interval.
   assert _common.paired_t_interval([0.0] * 5, [0.01, 0.02, 0.015, 0.012, 0.018])["established"]
   one = _common.paired_t_interval([0.7], [0.6])
-  assert one["low"] is None and not one["established"]
+  assert one["low"] is None and not one["established"] and one["positive"] == 1
 
 
 def test_t_quantile_matches_scipy():
@@ -357,6 +358,52 @@ def test_study_rho_sweep_pairs_with_the_default_radius():
   assert study.sweep_table(study.summarize(runs[:6], "d", chosen)) == []  # no sweep: no table
 
 
+def test_study_across_datasets_table_and_machines():
+  """The cross-dataset table gives, per variant and dataset, the paired difference to LoRA of
+  the dataset's own table, the seeds ahead and whether it is established; one dataset gives
+  no table. The machine line counts the runs pinned to fewer cores."""
+  rng = np.random.default_rng(11)
+  keys = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
+          "top_hessian_eigenvalue", "seconds")
+  runs = [{"dataset": d, "variant": v, "lr": 1e-3, "seed": seed, "hessian": {"converged": True},
+           **{k: float(rng.uniform(0.5, 1.0)) for k in keys}}
+          for d, v, seeds in (("a", "lora", range(3)), ("a", "mgpo", range(3)),
+                              ("b", "lora", range(3)), ("b", "mgpo", range(3)),
+                              ("b", "sam", (1,)))
+          for seed in seeds]
+  for r in runs:  # on "a", mgpo is ahead of LoRA by about 0.01 on every seed: established
+    if r["dataset"] == "a" and r["variant"] == "mgpo":
+      r["test_accuracy"] = next(b["test_accuracy"] for b in runs if b["dataset"] == "a" and
+                                b["variant"] == "lora" and b["seed"] == r["seed"]) \
+          + 0.01 + 0.001 * r["seed"]
+  chosen = {v: {"lr": 1e-3, "at_edge": False} for v in ("lora", "mgpo", "sam")}
+  summaries = {d: study.summarize(runs, d, chosen) for d in ("a", "b")}
+  lines = study.across_table(summaries)
+  assert lines[4] == "| variant | a: Δ test acc vs LoRA [95% CI] | b: Δ test acc vs LoRA [95% CI] |"
+  cells = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:]
+           for line in lines if line.startswith("| ") and "Δ" not in line}
+  assert list(cells) == ["mgpo", "sam"]
+  acc = {(r["dataset"], r["variant"], r["seed"]): r["test_accuracy"] for r in runs}
+  for d, cell in zip("ab", cells["mgpo"]):
+    diff = [acc[d, "mgpo", s] - acc[d, "lora", s] for s in range(3)]
+    stats = _common.paired_t_interval([acc[d, "mgpo", s] for s in range(3)],
+                                      [acc[d, "lora", s] for s in range(3)])
+    assert cell.startswith(f"{np.mean(diff):+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}]")
+    assert f"; ahead on {sum(x > 0 for x in diff)} of 3 seeds" in cell
+    assert cell.endswith("; **established**") == stats["established"] == (d == "a")
+  assert cells["sam"][0] == "—" and cells["sam"][1].endswith(
+      "(1 seed: no interval); ahead on " f"{int(acc['b', 'sam', 1] > acc['b', 'lora', 1])} of 1 seed")
+  assert study.across_table({"a": summaries["a"]}) == []
+  m = {"cpu": "X", "backend": "cpu", "cores": 2}
+  machines = [{"machine": m}, {"machine": {**m, "cpu_affinity": [0, 1]}},
+              {"machine": {**m, "cpu_affinity": [1]}},
+              {"machine": {"cpu": "Y", "backend": "gpu", "cores": 16,
+                           "cpu_affinity": list(range(16))}}]
+  assert study._machines(machines) == "X (cpu, 2 cores): 2 on 2 cores, 1 pinned to 1 core; " \
+      "Y (gpu, 16 cores)"
+  assert study._machines(machines[:2]) == "X (cpu, 2 cores)"
+
+
 def test_study_report_is_what_the_committed_results_give(tmp_path):
   """docs/study/report.md is regenerated from the committed result files: it is current; and
   the table in docs/benchmarks.md is the report's."""
@@ -365,10 +412,12 @@ def test_study_report_is_what_the_committed_results_give(tmp_path):
   assert (tmp_path / "report.md").read_text() == report
   docs = (_common.DOCS / "benchmarks.md").read_text()
   lines = report.splitlines()
-  # Each dataset's per-variant table (its header: "| variant | lr | seeds |"), and the rho
-  # sweep's (once it has results), must be in docs/benchmarks.md as the report has them.
+  # Each dataset's per-variant table (its header: "| variant | lr | seeds |"), the rho
+  # sweep's (once it has results) and the cross-dataset one ("| variant | <dataset>: Δ ...")
+  # must be in docs/benchmarks.md as the report has them.
   starts = [i for i, line in enumerate(lines)
-            if line.startswith(("| variant | lr | seeds |", "| form | rho |"))]
+            if line.startswith(("| variant | lr | seeds |", "| form | rho |"))
+            or re.match(r"\| variant \| \w+: Δ", line)]
   assert starts and lines[starts[0]].startswith("| variant |")
   for start in starts:
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
