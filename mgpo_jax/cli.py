@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     kind = hints[f.name]
     choices = f.metadata.get("choices")
     text = f.metadata["help"] + (f"; one of {choice_text(choices)}" if choices else "")
-    text += f" (default: {_default_text(f.default)})"
+    text += f" (default: {_default_text(f)})"
     if kind is bool:
       ft.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
                       default=argparse.SUPPRESS, help=text)
@@ -98,10 +98,10 @@ def _predict(args: argparse.Namespace) -> int:
   return 0
 
 
-def _default_text(value: Any) -> str:
-  if value is None:
-    return "the method's"
-  return ",".join(value) if isinstance(value, tuple) else str(value)
+def _default_text(field: dataclasses.Field) -> str:
+  if field.default in (None, ""):
+    return "the method's" if field.metadata.get("method_default") else "unset"
+  return ",".join(field.default) if isinstance(field.default, tuple) else str(field.default)
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

@@ -25,6 +25,10 @@ def test_public_names_resolve():
 
   for name in mgpo_jax.__all__:
     assert getattr(mgpo_jax, name) is not None, name
+  import mgpo_jax.lora
+
+  # docs/lora.md: every public name of mgpo_jax.lora is importable from mgpo_jax too
+  assert set(mgpo_jax.lora.__all__) <= set(mgpo_jax.__all__)
 
 
 def test_cli_help_is_fast():

@@ -1,6 +1,7 @@
 """Run directories: mgpo-jax deletes only what it wrote; failed starts leave nothing; resume
 edge cases (a kill during the first save, changed flags, pruning, non-finite losses)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -220,7 +221,12 @@ def test_every_config_field_is_a_flag_with_help_and_default(capsys):
     flag = "--" + name.replace("_", "-")
     assert flag in text, flag
   assert text.count("(default:") == len(FinetuneConfig().__dict__)
-  assert "(default: None)" not in text
+  assert "(default: None)" not in text and "(default: )" not in text
+  # "the method's" only for the fields each method fills in; other unset fields say so.
+  method_fields = [f.name for f in dataclasses.fields(FinetuneConfig)
+                   if f.metadata.get("method_default")]
+  assert method_fields and text.count("(default: the method's)") == len(method_fields)
+  assert "(default: unset)" in text
 
 
 def test_config_file_with_flags_overriding(tmp_path):
