@@ -39,6 +39,7 @@ seed 0) into CSV files under ``--cache``.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -529,7 +530,7 @@ def across_table(summaries: dict[str, dict[str, dict]]) -> list[str]:
     for summary in summaries.values():
       acc = summary.get(variant, {}).get("paired_test_accuracy")
       cells.append("—" if acc is None else
-                   f"{_interval(acc)}; ahead on {acc['positive']} of {_seeds(acc['n'])}"
+                   f"{_interval(acc)}; ahead on {acc['positive']} of {_count(acc['n'], 'seed')}"
                    + ("; **established**" if acc["established"] else ""))
     rows.append(f"| {variant} | " + " | ".join(cells) + " |")
   return ["### Both datasets", "",
@@ -543,29 +544,24 @@ def _machines(runs: list[dict[str, Any]]) -> str:
   """The machines of ``runs`` ("CPU (backend, N cores)"), each with how many runs could use how
   many of its cores (``taskset``; files without ``cpu_affinity`` used them all) when any
   could not use all."""
-  usable: dict[tuple[str, str, int], dict[int, int]] = {}
+  usable: dict[tuple[str, str, int], collections.Counter] = {}
   for r in runs:
     m = r["machine"]
-    counts = usable.setdefault((m["cpu"], m["backend"], m["cores"]), {})
-    n = len(m.get("cpu_affinity", range(m["cores"])))
-    counts[n] = counts.get(n, 0) + 1
+    usable.setdefault((m["cpu"], m["backend"], m["cores"]), collections.Counter())[
+        len(m.get("cpu_affinity", range(m["cores"])))] += 1
   out = []
   for (cpu, backend, cores), counts in sorted(usable.items()):
-    text = f"{cpu} ({backend}, {_cores(cores)})"
+    text = f"{cpu} ({backend}, {_count(cores, 'core')})"
     if set(counts) != {cores}:
-      text += ": " + ", ".join(f"{c} on {_cores(n)}" if n == cores else
-                               f"{c} pinned to {_cores(n)}"
+      text += ": " + ", ".join(f"{c} on {_count(n, 'core')}" if n == cores else
+                               f"{c} pinned to {_count(n, 'core')}"
                                for n, c in sorted(counts.items(), reverse=True))
     out.append(text)
   return "; ".join(out)
 
 
-def _cores(n: int) -> str:
-  return f"{n} core{'' if n == 1 else 's'}"
-
-
-def _seeds(n: int) -> str:
-  return f"{n} seed{'' if n == 1 else 's'}"
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def plot_curves(summary: dict[str, dict], path: pathlib.Path, title: str) -> None:
@@ -587,7 +583,8 @@ def plot_curves(summary: dict[str, dict], path: pathlib.Path, title: str) -> Non
       if key == "loss_curve":
         values = np.array([_common.trailing_mean(v, LOSS_SMOOTH) for v in values])
       (line,) = ax.plot(steps, values.mean(0), label=f"{variant} (lr {row['lr']:g}, "
-                        f"{_seeds(len(curves))})", marker="o" if key == "val_curve" else None, ms=3)
+                        f"{_count(len(curves), 'seed')})",
+                        marker="o" if key == "val_curve" else None, ms=3)
       ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.12)
   _common.save_curve_plot(fig, ax_loss, ax_acc, title, path, legend_size=7, dpi=90,
                           loss_title=f"training loss (trailing mean over {LOSS_SMOOTH} logs)")
@@ -615,7 +612,7 @@ def plot_paired(summary: dict[str, dict], path: pathlib.Path, title: str) -> Non
     ax.set(xlabel=label)
     ax.grid(alpha=0.3)
   axes[0].set_yticks(range(len(rows)),
-                     [f"{v} ({_seeds(len(row['seeds']))})" for v, row in rows])
+                     [f"{v} ({_count(len(row['seeds']), 'seed')})" for v, row in rows])
   axes[0].invert_yaxis()
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
