@@ -20,7 +20,7 @@ that extends it. Then ``--seeds`` seeds at the chosen rate; test metrics are onl
 Phases:
 
     python benchmarks/study.py grid       # --lrs on seed 0, per variant and dataset
-    python benchmarks/study.py seeds      # --seeds seeds at each variant's chosen rate
+    python benchmarks/study.py seeds      # --seeds seeds at each chosen rate, seed by seed
     python benchmarks/study.py report     # tables + plots from whatever results exist
     python benchmarks/study.py all        # grid, seeds, report
     python benchmarks/study.py --estimate # time one short run, project the full plan
@@ -408,9 +408,13 @@ def chosen_lrs(args, runs, dataset: str) -> dict[str, dict[str, Any]]:
 
 
 def phase_seeds(args, info) -> None:
+  """Seeds 0 .. N-1 at each variant's chosen rate, seed by seed (every variant's seed 1, then
+  every variant's seed 2, ...), so a study stopped part-way leaves the variants with about as
+  many seeds each, paired with LoRA's."""
   specs, sweep_of = variants(args.rho_sweep)
   for ds in _datasets(args):
     chosen = chosen_lrs(args, load_results(args.results), ds.name)
+    ready = []
     for variant in args.variants:
       base = sweep_of.get(variant, variant)
       if variant not in chosen:
@@ -423,8 +427,11 @@ def phase_seeds(args, info) -> None:
               f"edge; the protocol extends it first: "
               + _script(args, "grid", "--datasets", ds.name, "--variants", base, "--lrs",
                         f"{choice['extend']:g}"))
-      for seed in range(args.seeds):
-        one_run(args, ds, variant, specs[variant], choice["lr"], seed, info, _base_model(args))
+      ready.append(variant)
+    for seed in range(args.seeds):
+      for variant in ready:
+        one_run(args, ds, variant, specs[variant], chosen[variant]["lr"], seed, info,
+                _base_model(args))
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -305,6 +306,25 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   assert "training" not in capsys.readouterr().out
   with pytest.raises(SystemExit, match=r"was made with .*steps=6 \(now 12\)"):
     study.main(["seeds", *flags, "--epochs", "2"])  # other flags: the files are not reused
+
+
+def test_study_seeds_run_seed_by_seed(monkeypatch, capsys):
+  """Every variant's seed 0, then every variant's seed 1: a study stopped part-way keeps the
+  variants at about as many seeds each. A variant with no grid run is skipped with the command
+  that runs it."""
+  calls = []
+  monkeypatch.setattr(study, "_datasets", lambda args: [types.SimpleNamespace(name="d")])
+  monkeypatch.setattr(study, "load_results", lambda path: [])
+  monkeypatch.setattr(study, "chosen_lrs", lambda args, runs, name: {
+      v: {"lr": lr, "at_edge": False} for v, lr in (("lora", 3e-3), ("mgpo", 1e-3))})
+  monkeypatch.setattr(study, "one_run", lambda args, ds, variant, spec, lr, seed, *rest:
+                      calls.append((variant, lr, seed)))
+  args = study.parse_args(["seeds", "--quick", "--seeds", "2", "--variants", "mgpo", "sam",
+                           "lora"])
+  study.phase_seeds(args, {})
+  assert calls == [("mgpo", 1e-3, 0), ("lora", 3e-3, 0), ("mgpo", 1e-3, 1), ("lora", 3e-3, 1)]
+  assert "d sam: no grid run of sam yet; run first: python benchmarks/study.py grid --quick " \
+      "--datasets d --variants sam" in capsys.readouterr().out
 
 
 def test_study_summary_pairs_seeds_at_the_chosen_rate():
