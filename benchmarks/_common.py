@@ -350,17 +350,17 @@ def t_quantile_975(df: int) -> float:
 def paired_t_interval(a: list[float], b: list[float]) -> dict[str, Any]:
   """The mean of the paired differences ``a_i - b_i`` and its 95% t-interval,
   ``mean ± t_{0.975, n-1} · sd / sqrt(n)`` (sd with ddof = 1); ``established`` when the
-  interval excludes 0; ``positive``: how many differences are above 0. With one pair the
-  interval is undefined (``None``)."""
+  interval excludes 0; ``positive`` / ``negative``: how many differences are above / below 0.
+  With one pair the interval is undefined (``None``)."""
   d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
   if d.ndim != 1 or d.size == 0:
     raise ValueError("paired_t_interval needs two equally long, non-empty lists")
-  mean, positive = float(d.mean()), int((d > 0).sum())
+  mean, signs = float(d.mean()), {"positive": int((d > 0).sum()), "negative": int((d < 0).sum())}
   if d.size < 2:
     return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None, "established": False,
-            "positive": positive}
+            **signs}
   sd = float(d.std(ddof=1))
   half = t_quantile_975(d.size - 1) * sd / np.sqrt(d.size)
   low, high = mean - half, mean + half
   return {"n": int(d.size), "mean": mean, "sd": sd, "low": float(low), "high": float(high),
-          "established": bool(low > 0 or high < 0), "positive": positive}
+          "established": bool(low > 0 or high < 0), **signs}

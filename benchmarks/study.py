@@ -524,27 +524,43 @@ def sweep_table(summary: dict[str, dict]) -> list[str]:
 LOSS_SMOOTH = 5  # logged 10-step means per point of the plotted training loss
 
 
+# The cross-dataset tables: the metric, what the table calls it, its column heading and digits,
+# the words for a difference to LoRA above / below 0, and which sign the seeds are counted by.
+ACROSS = (("test_accuracy", "test accuracy", "Δ test acc vs LoRA [95% CI]", 4, "ahead",
+           "behind", "positive"),
+          ("top_hessian_eigenvalue", "the top Hessian eigenvalue at the end (below 0: flatter)",
+           "Δ top Hessian eig. vs LoRA [95% CI]", 3, "sharper", "flatter", "negative"))
+
+
+def _across_cell(stats: dict[str, Any] | None, digits: int, above: str, below: str,
+                 counted: str) -> str:
+  if stats is None:
+    return "—"
+  word = above if counted == "positive" else below
+  text = f"{_interval(stats, digits)}; {word} on {stats[counted]} of {_count(stats['n'], 'seed')}"
+  if stats["established"]:
+    text += f"; **established: {above if stats['mean'] > 0 else below}**"
+  return text
+
+
 def across_table(summaries: dict[str, dict[str, dict]]) -> list[str]:
-  """With two or more datasets: one row per variant, one column per dataset, each cell the
-  paired difference of test accuracy to LoRA (as in the dataset's table), on how many seeds
-  the variant was ahead, and whether the difference is established."""
+  """With two or more datasets, two tables: one row per variant, one column per dataset, each
+  cell the paired difference to LoRA (as in the dataset's table) of test accuracy (with the
+  seeds the variant was ahead on) and of the top Hessian eigenvalue (the seeds it ended
+  flatter on), and whether the difference is established, in which direction."""
   if len(summaries) < 2:
     return []
-  names = [v for s in summaries.values() for v in s if v != BASELINE]
-  rows = []
-  for variant in dict.fromkeys(names):
-    cells = []
-    for summary in summaries.values():
-      acc = summary.get(variant, {}).get("paired_test_accuracy")
-      cells.append("—" if acc is None else
-                   f"{_interval(acc)}; ahead on {acc['positive']} of {_count(acc['n'], 'seed')}"
-                   + ("; **established**" if acc["established"] else ""))
-    rows.append(f"| {variant} | " + " | ".join(cells) + " |")
-  return ["### Both datasets", "",
-          "Paired difference of test accuracy to LoRA (same seeds, each variant at its chosen "
-          "rate) with its 95% t-interval, from the tables above:", "",
-          "| variant | " + " | ".join(f"{d}: Δ test acc vs LoRA [95% CI]" for d in summaries)
-          + " |", "|---" * (len(summaries) + 1) + "|", *rows, ""]
+  names = list(dict.fromkeys(v for s in summaries.values() for v in s if v != BASELINE))
+  out = ["### Both datasets", ""]
+  for key, what, heading, digits, above, below, counted in ACROSS:
+    rows = [f"| {variant} | " + " | ".join(
+        _across_cell(s.get(variant, {}).get(f"paired_{key}"), digits, above, below, counted)
+        for s in summaries.values()) + " |" for variant in names]
+    out += [f"Paired difference to LoRA of {what}, same seeds, each variant at its chosen "
+            "rate, with its 95% t-interval, from the tables above:", "",
+            "| variant | " + " | ".join(f"{d}: {heading}" for d in summaries) + " |",
+            "|---" * (len(summaries) + 1) + "|", *rows, ""]
+  return out
 
 
 def _machines(runs: list[dict[str, Any]]) -> str:

@@ -197,6 +197,9 @@ def test_paired_t_interval_hand_computed():
   assert r["low"] == pytest.approx(0.016 - 0.0225557, abs=1e-6)
   assert r["high"] == pytest.approx(0.016 + 0.0225557, abs=1e-6)
   assert not r["established"] and r["positive"] == 4  # the interval holds 0; 4 of 5 above
+  assert r["negative"] == 1
+  tie = _common.paired_t_interval([0.5, 0.6, 0.7], [0.5, 0.5, 0.8])  # 0, +0.1, -0.1
+  assert (tie["positive"], tie["negative"]) == (1, 1)  # a tie counts as neither
   # d = 0.01, 0.02, 0.015, 0.012, 0.018: mean 0.015, sd sqrt(6.8e-5 / 4) = 0.00412311,
   # half-width 2.776445 * 0.00184391 = 0.00511951: [0.00988049, 0.0201195] excludes 0.
   r = _common.paired_t_interval([0.01, 0.02, 0.015, 0.012, 0.018], [0.0] * 5)
@@ -379,9 +382,10 @@ def test_study_rho_sweep_pairs_with_the_default_radius():
 
 
 def test_study_across_datasets_table_and_machines():
-  """The cross-dataset table gives, per variant and dataset, the paired difference to LoRA of
-  the dataset's own table, the seeds ahead and whether it is established; one dataset gives
-  no table. The machine line counts the runs pinned to fewer cores."""
+  """The cross-dataset tables give, per variant and dataset, the paired difference to LoRA of
+  the dataset's own table (test accuracy, top Hessian eigenvalue), the seeds ahead (flatter),
+  and whether it is established, in which direction; one dataset gives no table. The machine
+  line counts the runs pinned to fewer cores."""
   rng = np.random.default_rng(11)
   keys = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1",
           "top_hessian_eigenvalue", "seconds")
@@ -396,24 +400,40 @@ def test_study_across_datasets_table_and_machines():
       r["test_accuracy"] = next(b["test_accuracy"] for b in runs if b["dataset"] == "a" and
                                 b["variant"] == "lora" and b["seed"] == r["seed"]) \
           + 0.01 + 0.001 * r["seed"]
+    if r["dataset"] == "b" and r["variant"] == "mgpo":  # and on "b" ends flatter: established
+      r["top_hessian_eigenvalue"] = 0.1 + 0.01 * r["seed"]
   chosen = {v: {"lr": 1e-3, "at_edge": False} for v in ("lora", "mgpo", "sam")}
   summaries = {d: study.summarize(runs, d, chosen) for d in ("a", "b")}
   lines = study.across_table(summaries)
-  assert lines[4] == "| variant | a: Δ test acc vs LoRA [95% CI] | b: Δ test acc vs LoRA [95% CI] |"
-  cells = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:]
-           for line in lines if line.startswith("| ") and "Δ" not in line}
-  assert list(cells) == ["mgpo", "sam"]
-  acc = {(r["dataset"], r["variant"], r["seed"]): r["test_accuracy"] for r in runs}
-  for d, cell in zip("ab", cells["mgpo"]):
-    diff = [acc[d, "mgpo", s] - acc[d, "lora", s] for s in range(3)]
-    stats = _common.paired_t_interval([acc[d, "mgpo", s] for s in range(3)],
-                                      [acc[d, "lora", s] for s in range(3)])
-    assert cell.startswith(f"{np.mean(diff):+.4f} [{stats['low']:+.4f}, {stats['high']:+.4f}]")
-    assert f"; ahead on {sum(x > 0 for x in diff)} of 3 seeds" in cell
-    assert cell.endswith("; **established**") == stats["established"] == (d == "a")
-  ahead = int(acc["b", "sam", 1] > acc["b", "lora", 1])
-  assert cells["sam"][0] == "—"
-  assert cells["sam"][1].endswith(f"(1 seed: no interval); ahead on {ahead} of 1 seed")
+  heads = [k for k, line in enumerate(lines) if line.startswith("| variant |")]
+  assert [lines[k] for k in heads] == [
+      "| variant | a: Δ test acc vs LoRA [95% CI] | b: Δ test acc vs LoRA [95% CI] |",
+      "| variant | a: Δ top Hessian eig. vs LoRA [95% CI] | b: Δ top Hessian eig. vs LoRA "
+      "[95% CI] |"]
+  for head, key, digits, count, above, below in (
+      (heads[0], "test_accuracy", 4, "ahead", "ahead", "behind"),
+      (heads[1], "top_hessian_eigenvalue", 3, "flatter", "sharper", "flatter")):
+    cells = {line.split(" | ")[0][2:]: line[:-2].split(" | ")[1:]
+             for line in lines[head + 2:head + 4]}
+    assert list(cells) == ["mgpo", "sam"]
+    value = {(r["dataset"], r["variant"], r["seed"]): r[key] for r in runs}
+    for d, cell in zip("ab", cells["mgpo"]):
+      diff = [value[d, "mgpo", s] - value[d, "lora", s] for s in range(3)]
+      stats = _common.paired_t_interval([value[d, "mgpo", s] for s in range(3)],
+                                        [value[d, "lora", s] for s in range(3)])
+      assert cell.startswith(f"{np.mean(diff):+.{digits}f} [{stats['low']:+.{digits}f}, "
+                             f"{stats['high']:+.{digits}f}]")
+      counted = sum(x > 0 for x in diff) if count == above else sum(x < 0 for x in diff)
+      assert f"; {count} on {counted} of 3 seeds" in cell
+      word = above if np.mean(diff) > 0 else below
+      assert cell.endswith(f"; **established: {word}**") == stats["established"]
+    assert cells["sam"][0] == "—"
+    sam = value["b", "sam", 1] - value["b", "lora", 1]
+    assert cells["sam"][1].endswith(
+        f"(1 seed: no interval); {count} on {int(sam > 0 if count == above else sam < 0)} of "
+        "1 seed")
+  assert "established: ahead" in lines[heads[0] + 2]  # mgpo on "a", by construction
+  assert lines[heads[1] + 2].endswith("; flatter on 3 of 3 seeds; **established: flatter** |")
   assert study.across_table({"a": summaries["a"]}) == []
   m = {"cpu": "X", "backend": "cpu", "cores": 2}
   machines = [{"machine": m}, {"machine": {**m, "cpu_affinity": [0, 1]}},
