@@ -179,10 +179,28 @@ def test_ggpo_gradient_term_uses_gram_products():
   for (p, w), g_sq in zip(sorted(modules.items()), state.grad_col_sq):
     assert g_sq.shape == (w.kernel.shape[1],)  # O(m) state per module
     np.testing.assert_allclose(g_sq, np.sum(_image(w, *grads[p]) ** 2, axis=0), rtol=1e-5)
-  # a non-finite gradient leaves the state as it was
-  bad = {p: (g[0] * jnp.nan, g[1]) for p, g in grads.items()}
+  # a non-finite gradient leaves the state as it was, all of it: here one entry of one B makes
+  # one column of one module's image non-finite
+  other = _random_grads(modules, 7)
+  path = sorted(other)[0]
+  bad = {**other, path: (other[path][0], other[path][1].at[0, 0].set(jnp.inf))}
   kept = wp.update(state, modules, bad)
   jax.tree.map(np.testing.assert_array_equal, kept, state)
+
+
+def test_mgpo_code_skips_a_non_finite_step():
+  """A non-finite gradient leaves the state unchanged, its step count too: after a NaN first
+  step, the first finite gradient still starts the EMA at its own norms."""
+  modules = lora_weights(_model(2))
+  grads = _random_grads(modules, 6)
+  wp = mgpo_code()
+  nan = {p: (g[0] * jnp.nan, g[1]) for p, g in grads.items()}
+  skipped = wp.update(wp.init(modules), modules, nan)
+  jax.tree.map(np.testing.assert_array_equal, skipped, wp.init(modules))
+  state = wp.update(skipped, modules, grads)
+  assert int(state.count) == 1
+  for (p, w), ema in zip(sorted(modules.items()), state.grad_norm_ema):
+    np.testing.assert_allclose(ema, np.linalg.norm(_image(w, *grads[p])), rtol=1e-5)
 
 
 # -- the released-code MGPO against a two-phase float64 reference --------------------------------

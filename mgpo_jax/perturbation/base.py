@@ -166,6 +166,15 @@ def _check(method: str, name: str, value: Any, ok: Callable[[float], bool], acce
     raise ValueError(f"{method}: {name} must be {accepted}; got {value!r}")
 
 
-def _keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
-  """``new`` where finite, else ``old`` (a non-finite step does not poison the state)."""
-  return jnp.where(jnp.isfinite(new), new, old).astype(old.dtype)
+def _unchanged_unless_finite(update: Callable) -> Callable:
+  """``update``, except that a step whose adapter gradients are not all finite leaves the
+  state as it was (as :func:`optax.apply_if_finite` skips such a step), whatever ``update``
+  computes from them."""
+
+  def guarded(state, modules, grads):
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+                               or [True]))
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
+                        update(state, modules, grads), state)
+
+  return guarded

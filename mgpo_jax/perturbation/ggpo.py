@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mgpo_jax.lora.layer import DenseNoise
-from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _keep_finite,
+from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _unchanged_unless_finite,
                                         image_column_sq_norms)
 from mgpo_jax.perturbation.flat_lora import noise_scales, sigma_schedule
 
@@ -93,8 +93,8 @@ def ggpo(sigma: optax.ScalarOrSchedule = 0.03, beta: float = 0.01, *,
                                                       state.grad_col_sq))}
 
   def update_fn(state, modules, grads):
-    return GGPOState(tuple(
-        _keep_finite(image_column_sq_norms(w, *grads[path]), old)
-        for (path, w), old in zip(sorted(modules.items()), state.grad_col_sq)))
+    del state
+    return GGPOState(tuple(image_column_sq_norms(w, *grads[path])
+                           for path, w in sorted(modules.items())))
 
-  return WeightPerturbation(init_fn, perturbations_fn, update_fn)
+  return WeightPerturbation(init_fn, perturbations_fn, _unchanged_unless_finite(update_fn))

@@ -11,8 +11,8 @@ import optax
 
 from mgpo_jax.lora.layer import LowRank
 from mgpo_jax.optim.mgpo import _first_moment
-from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _factors, _keep_finite,
-                                        adapter_pairs, image_sq_norm)
+from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _factors,
+                                        _unchanged_unless_finite, adapter_pairs, image_sq_norm)
 
 __all__ = ["MGPOCodeState", "mgpo_code"]
 
@@ -111,7 +111,6 @@ def mgpo_code(rho: float = 0.05, *, ema_decay: float = 0.9, max_inv_norm: float 
                         for path, w in sorted(modules.items())])
     ema = jnp.where(state.count == 0, g_norm,
                     ema_decay * state.grad_norm_ema + (1.0 - ema_decay) * g_norm)
-    return MGPOCodeState(optax.safe_increment(state.count),
-                         _keep_finite(ema, state.grad_norm_ema))
+    return MGPOCodeState(optax.safe_increment(state.count), ema)
 
-  return WeightPerturbation(init_fn, perturbations_fn, update_fn)
+  return WeightPerturbation(init_fn, perturbations_fn, _unchanged_unless_finite(update_fn))
