@@ -8,8 +8,8 @@ For each target kernel ``W ∈ R^{n×m}`` (Flax orientation, ``y = x W``) with f
 
 so the initial update is ``s A B = s / γ · U_r diag(S_r / S_0) V_rᵀ``, with rsLoRA's
 ``s = α / √r`` one rank-r step ``α / (√r γ)`` along the negative gradient. Defaults (γ = 128,
-8 examples, α = 16 with rsLoRA) are the authors' released ones; the equations and sources are
-in ``docs/lora_one.md``.
+8 examples, α = 16 with rsLoRA) are from the authors' release (γ from their README's command;
+their config file's default is 16); the equations and sources are in ``docs/lora_one.md``.
 
 Two phases, or one helper that runs both::
 
@@ -43,7 +43,8 @@ from mgpo_jax.lora.surgery import _apply
 __all__ = ["GAMMA", "NUM_EXAMPLES", "kernel_gradients", "lora_one_factors", "init_lora_one",
            "apply_lora_one"]
 
-#: γ of the spectral init (the released code's default).
+#: γ of the spectral init (the authors' README command for LLaMA-2-7B on MetaMath; their config
+#: file's default, and their T5 script, use 16).
 GAMMA = 128.0
 #: Number of training examples whose mean gradient the init uses (the released default).
 NUM_EXAMPLES = 8
@@ -215,7 +216,7 @@ def init_lora_one(model: nnx.Module, config: LoraConfig, gradients: Mapping[str,
     model: an NNX model without adapters.
     config: a :class:`LoraConfig` with ``init="lora-one"``.
     gradients: ``{dotted module path: G}`` for exactly the modules ``config`` targets.
-    gamma: γ (default 128, the released code's).
+    gamma: γ (default 128, the authors' README command's; their config file's is 16).
     rngs: the dropout streams of the adapters (default ``nnx.Rngs(0)``).
 
   Raises:
