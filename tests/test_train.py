@@ -163,6 +163,27 @@ def test_classification_loss_weights_match_numpy():
   np.testing.assert_allclose(m["count"], w.sum(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("change,match", [
+    (lambda b: {k: v for k, v in b.items() if k != "labels"}, "has no labels"),
+    (lambda b: {**b, "labels": b["labels"].astype(np.float32)}, "must be integer class ids"),
+    (lambda b: {**b, "labels": b["labels"][:, None]}, r"of shape \(8,\).*shape \(8, 1\)"),
+])
+def test_classification_loss_rejects_malformed_labels(change, match):
+  with pytest.raises(ValueError, match=match):
+    classification_loss(Tiny(dropout=0.0), change(_batch(7)))
+
+
+@pytest.mark.parametrize("bad", [-1, CLASSES, 100])
+def test_classification_loss_is_nan_for_a_label_outside_the_classes(bad):
+  """A label outside [0, CLASSES) would silently read another class's logit (-1: the last);
+  the loss is NaN instead, and the same batch with valid labels is finite."""
+  model, batch = Tiny(dropout=0.0), _batch(7)
+  assert np.isfinite(float(nnx.jit(classification_loss)(model, batch)[0]))
+  labels = batch["labels"].copy()
+  labels[3] = bad
+  assert np.isnan(float(nnx.jit(classification_loss)(model, {**batch, "labels": labels})[0]))
+
+
 # -- accumulation, mixed precision, dropout RNG ---------------------------------------------
 
 

@@ -37,17 +37,35 @@ def classification_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tu
 
   Args:
     model: the classifier (train or eval mode is set by the caller).
-    batch: ``input_ids``, ``labels`` (int), optional ``attention_mask``, ``token_type_ids``,
-      ``mask``.
+    batch: ``input_ids``, ``labels`` (int, shape ``(B,)``, in ``[0, C)``), optional
+      ``attention_mask``, ``token_type_ids``, ``mask``.
 
   Returns:
-    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``.
+    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``; the loss is
+    NaN when a label lies outside ``[0, C)`` (a value the trace cannot check).
+
+  Raises:
+    ValueError: at trace time, for a batch without ``input_ids`` or ``labels``, or with
+      labels that are not integers of shape ``(B,)``.
   """
-  kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
-  logits = model(batch["input_ids"], **kwargs).astype(jnp.float32)
+  missing = [k for k in ("input_ids", "labels") if k not in batch]
+  if missing:
+    raise ValueError(f"classification_loss: the batch has no {' or '.join(missing)} (it has "
+                     f"{', '.join(sorted(batch)) or 'nothing'})")
   labels = batch["labels"]
+  ids = batch["input_ids"]
+  if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != ids.shape[:1]:
+    raise ValueError(f"classification_loss: labels must be integer class ids of shape "
+                     f"{tuple(ids.shape[:1])} (one per example); got {labels.dtype} of shape "
+                     f"{tuple(labels.shape)}")
+  kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
+  logits = model(ids, **kwargs).astype(jnp.float32)
   w = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape)
-  return _weighted_cross_entropy(logits, labels, w)
+  loss, metrics = _weighted_cross_entropy(logits, labels, w)
+  # A label outside [0, C) would silently index another class (-1: the last): NaN instead. The
+  # added term is exactly 0 otherwise, so valid batches train bit for bit as without it.
+  invalid = jnp.any((labels < 0) | (labels >= logits.shape[-1]))
+  return loss + jnp.where(invalid, jnp.nan, 0.0), metrics
 
 
 def causal_lm_loss(
