@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     return _predict(args)
   try:
     config = _config(args)
-    config.validate()
     compare = config.parse_compare(args.compare)
+    config.validate(compare)
   except ValueError as err:
     print(f"mgpo-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2

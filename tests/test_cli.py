@@ -107,9 +107,12 @@ def test_resume_is_bit_identical(tmp_path, small_data, monkeypatch):
 
 def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
   monkeypatch.setattr(job, "load_data", lambda config: small_data)
-  config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2}, run_dir=str(tmp_path))
+  config = FinetuneConfig(**{**TINY, "steps": 2, "eval_every": 2, "rho": 0.1},
+                          run_dir=str(tmp_path))
   summaries = job.run_compare(config, ("adamw", "mgpo"), progress=False)
   assert set(summaries) == {"adamw", "mgpo"}
+  rho = {m: json.loads((tmp_path / m / "config.json").read_text())["rho"] for m in summaries}
+  assert rho == {"adamw": None, "mgpo": 0.1}  # each method keeps its own hyper-parameters
   assert (tmp_path / "compare.png").exists()
   assert json.loads((tmp_path / "summary.json").read_text()) == summaries
   table = capsys.readouterr().out
@@ -212,6 +215,10 @@ def test_cli_compare_adamw_lora_one_minilm(tmp_path, small_data, monkeypatch, ca
     (["--init", "svd"], ["--init-lora-weights", "lora-one"]),
     (["--init-examples", "0"], ["--init-examples", "positive integer"]),
     (["--precondition-damping", "0"], ["--precondition-damping", "> 0"]),
+    (["--optimizer", "adamw", "--rho", "0.1"], ["--rho is not a hyper-parameter of adamw",
+                                                "takes: none"]),
+    (["--compare", "adamw,flat-lora", "--sign", "1"], ["--sign", "adamw, flat-lora",
+                                                       "take: --sigma"]),
 ])
 def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
   assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), *args]) == 2

@@ -243,6 +243,26 @@ def test_config_file_with_flags_overriding(tmp_path):
     cli._config(args)
 
 
+@pytest.mark.parametrize("field,value,needle", [
+    ("weight_decay", "0.1", "--weight-decay must be a number; got '0.1'"),
+    ("precondition", "false", "--precondition must be true or false; got 'false'"),
+    ("text_column", 3, "--text-column must be a string; got 3"),
+    ("model", 5, "--model must be a string or unset (null); got 5"),
+    ("rank", True, "--rank must be an integer; got True"),
+    ("target_modules", [1, 2], "--target-modules must be a list of names or a string"),
+])
+def test_config_file_values_of_the_wrong_type_are_one_line_errors(field, value, needle, tmp_path,
+                                                                   capsys):
+  """A config file can say anything JSON can: each field's type is checked before anything
+  runs (a string "false" would otherwise turn --precondition on)."""
+  path = tmp_path / "run.json"
+  path.write_text(json.dumps({field: value}))
+  assert cli.main(["finetune", "--config", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"mgpo-jax: error: {needle}") and len(err.splitlines()) == 1
+  assert not (tmp_path / "r").exists()
+
+
 def test_dotted_target_names_follow_peft(data):
   """`--target-modules attention.self.query` is a PEFT name (suffix at a dot), not a regex."""
   from mgpo_jax.lora import lora_modules

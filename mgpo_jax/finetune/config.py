@@ -123,8 +123,13 @@ class FinetuneConfig:
                           choices=("stop", "skip"))
   run_dir: str = _field("runs/finetune", "the run directory")
 
-  def validate(self) -> None:
-    """Raises ``ValueError`` naming the first bad field and the values it accepts."""
+  def validate(self, methods: tuple[str, ...] = ()) -> None:
+    """Raises ``ValueError`` naming the first bad field and the values it accepts.
+
+    ``methods``: the methods the config runs (``--compare``'s; default: ``optimizer``). A
+    method hyper-parameter that none of them takes is an error, not silently dropped."""
+    for f in dataclasses.fields(self):
+      _check_type(f, getattr(self, f.name))
     for f in dataclasses.fields(self):
       choices = f.metadata.get("choices")
       unset_ok = f.metadata.get("method_default") and getattr(self, f.name) is None
@@ -138,6 +143,12 @@ class FinetuneConfig:
     _positive("--lr", self.lr)
     _positive("--precondition-damping", self.precondition_damping)
     method = METHODS[self.optimizer]
+    methods = methods or (self.optimizer,)
+    for name in method_hypers():
+      if getattr(self, name) is not None and not any(name in METHODS[m].hyper for m in methods):
+        takes = sorted({flag(k) for m in methods for k in METHODS[m].hyper}) or ["none"]
+        raise ValueError(f"{flag(name)} is not a hyper-parameter of {', '.join(methods)} "
+                         f"(which take{'s' if len(methods) == 1 else ''}: {', '.join(takes)})")
     if method.lora_init and self.init_lora_weights not in ("default", method.lora_init):
       raise ValueError(f"--optimizer {self.optimizer} uses the {method.lora_init} init; "
                        f"--init-lora-weights {self.init_lora_weights} conflicts with it (drop "
@@ -253,6 +264,31 @@ class FinetuneConfig:
   @classmethod
   def from_json(cls, text: str) -> FinetuneConfig:
     return cls.from_dict(json.loads(text))
+
+
+def method_hypers() -> tuple[str, ...]:
+  """The config fields that are method hyper-parameters (unset: the method's default)."""
+  return tuple(f.name for f in dataclasses.fields(FinetuneConfig)
+               if f.metadata.get("method_default"))
+
+
+# What each field annotation (a string: annotations are postponed) accepts, and how it is said.
+_TYPES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false"), "None": (type(None), "unset (null)"),
+          "tuple[str, ...]": (tuple, "a list of names")}
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+  kinds = [k.strip() for k in f.type.split("|")]
+  for kind in kinds:
+    types = _TYPES[kind][0]
+    if kind not in ("bool", "None") and isinstance(value, bool):
+      continue  # True is an int to Python, not to a config
+    if isinstance(value, types) and (kind != "tuple[str, ...]"
+                                     or all(isinstance(v, str) for v in value)):
+      return
+  raise ValueError(f"{flag(f.name)} must be {' or '.join(_TYPES[k][1] for k in kinds)}; "
+                   f"got {value!r}")
 
 
 def parse_targets(value: Any) -> Any:

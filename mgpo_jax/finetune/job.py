@@ -36,7 +36,7 @@ from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iter
                            load_rotten_tomatoes, minilm_path, tokenize)
 from mgpo_jax.data_files import load_classification_files, load_text_files
 from mgpo_jax.finetune import run_dir as run_dir_lib
-from mgpo_jax.finetune.config import FinetuneConfig
+from mgpo_jax.finetune.config import FinetuneConfig, method_hypers
 from mgpo_jax.lora import LoraConfig, apply_lora, apply_lora_one, save_adapters
 from mgpo_jax.methods import METHODS
 from mgpo_jax.answers import exact_match_rate
@@ -326,7 +326,7 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
   continues every sub-run (starting those that never started)."""
   root = pathlib.Path(config.run_dir)
   try:
-    config.validate()
+    config.validate(tuple(optimizers))
     run_dir_lib.check_usable(root)
     if resume:
       manifest = run_dir_lib.read_manifest(root, "compare")
@@ -349,12 +349,14 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
   except (ValueError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
   summaries = {}
-  for name in optimizers:
-    sub = config.replace(optimizer=name, run_dir=str(root / name))
+  for name in optimizers:  # each method keeps the hyper-parameters that are its own
+    sub = config.replace(optimizer=name, run_dir=str(root / name),
+                         **{k: None for k in method_hypers() if k not in METHODS[name].hyper})
     summaries[name] = run(sub, resume=resume and (root / name / "config.json").exists(),
                           progress=progress, data=data, base_model=base_model)
   metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
-  plot_curves(metrics, root / "compare.png", title=f"LoRA r={config.rank}: " + ", ".join(optimizers))
+  plot_curves(metrics, root / "compare.png",
+              title=f"LoRA r={config.rank}: " + ", ".join(optimizers))
   run_dir_lib.write_atomic(root / "summary.json", json.dumps(summaries, indent=2))
   print(summary_table(summaries))
   return summaries
