@@ -363,7 +363,7 @@ def test_follow_schedule():
 
 def test_schedules_accepted_and_scalars_checked_at_construction():
   mgpo(optax.adam(1e-3), rho=optax.constant_schedule(-1.0))  # a schedule is not evaluated
-  with pytest.raises(ValueError, match="rho must be a number >= 0 or a schedule"):
+  with pytest.raises(ValueError, match="rho must be a finite number >= 0 or a schedule"):
     mgpo(optax.adam(1e-3), rho=-0.1)
-  with pytest.raises(ValueError, match="max_inv_norm must be None, a number > 0 or a sched"):
+  with pytest.raises(ValueError, match="max_inv_norm must be None, a finite number > 0 or a sched"):
     mgpo_adamw(1e-3, max_inv_norm=0.0)

@@ -360,6 +360,8 @@ def test_bad_batch_size_raises_before_tracing(devices, accum, size, match):
 
 
 def test_bad_arguments():
+  with pytest.raises(ValueError, match="tx must be an optax GradientTransformation.*got 0.001"):
+    Trainer(Tiny(dropout=0.0), 1e-3)  # a learning rate where the optimizer goes
   with pytest.raises(ValueError, match="accum_steps must be an integer >= 1"):
     Trainer(Tiny(dropout=0.0), TXS["adamw"](), accum_steps=0)
   with pytest.raises(ValueError, match="wrt=.*selects no parameters"):

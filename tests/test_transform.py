@@ -489,12 +489,39 @@ def test_nnx_optimizer_per_module_groups():
     ({"max_inv_norm": 0.0}, "max_inv_norm"),
     ({"max_inv_norm": -1.0}, "max_inv_norm"),
     ({"scope": "layer"}, "scope"),
+    ({"rho": float("inf")}, "rho must be a finite number"),  # would silently be plain Adam
+    ({"rho": float("nan")}, "rho"),
+    ({"rho": "0.05"}, "rho"),  # would fail inside the jitted step
+    ({"max_inv_norm": float("inf")}, "max_inv_norm"),
 ])
 def test_bad_hyperparameters_raise(kwargs, name):
   with pytest.raises(ValueError, match=name):
     mgpo(optax.adam(1e-3), **kwargs)
   with pytest.raises(ValueError, match=name):
     mgpo_adamw(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"eps": -1.0}, "mgpo: eps"), ({"eps": float("nan")}, "mgpo: eps"),
+])
+def test_bad_eps_raises(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    mgpo(optax.adam(1e-3), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"b1": 1.0}, "b1"), ({"b1": -0.5}, "b1"), ({"b2": 1.5}, "b2"),
+    ({"weight_decay": -0.1}, "weight_decay"), ({"eps": float("inf")}, "eps"),
+])
+def test_mgpo_adamw_checks_adams_scalars(kwargs, name):
+  """b1 = 1 would silently give NaN updates (Adam's bias correction divides by 1 - b1^t)."""
+  with pytest.raises(ValueError, match=f"mgpo_adamw: {name} must be"):
+    mgpo_adamw(1e-3, **kwargs)
+
+
+def test_base_optimizer_must_be_a_transformation():
+  with pytest.raises(ValueError, match="base_optimizer must be an optax GradientTransformation"):
+    mgpo(1e-3)
 
 
 def test_injected_bad_value_raises_at_init():

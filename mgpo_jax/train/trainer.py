@@ -162,6 +162,9 @@ class Trainer:
                accum_steps: int = 1, compute_dtype: Any = None, mesh: Mesh | None = None,
                rules: _sh.ShardingRules | None = None, remat: bool | str = False,
                perturbation: WeightPerturbation | None = None):
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+      raise ValueError(f"tx must be an optax GradientTransformation (e.g. optax.adamw(1e-3) or "
+                       f"mgpo_jax.mgpo_adamw(1e-3)); got {tx!r}")
     if not isinstance(accum_steps, int) or accum_steps < 1:
       raise ValueError(f"accum_steps must be an integer >= 1; got {accum_steps!r}")
     if mesh is not None and DATA_AXIS not in mesh.axis_names:
