@@ -20,6 +20,9 @@ axis costs a collective to build the mask.
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -60,6 +63,11 @@ class Dropout(nnx.Dropout):
     >>> bool(jnp.all((y == 0) | (y == 2))), abs(float((y == 0).mean()) - 0.5) < 0.05
     (True, True)
   """
+
+  def __init__(self, rate: float, **kwargs: Any):
+    if not (isinstance(rate, numbers.Real) and 0 <= rate <= 1):  # 1: drop everything, as nnx
+      raise ValueError(f"Dropout: rate must be a number in [0, 1]; got {rate!r}")
+    super().__init__(rate, **kwargs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:

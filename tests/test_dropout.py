@@ -87,6 +87,9 @@ def test_interface_matches_nnx_dropout():
     Dropout(0.5, deterministic=None, rngs=nnx.Rngs(0))(x)
   with pytest.raises(ValueError, match="broadcast_dims"):
     Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))(x)
+  for rate in (1.5, -0.5, float("nan"), "0.1"):  # 1.5 would drop everything, silently
+    with pytest.raises(ValueError, match=r"Dropout: rate must be a number in \[0, 1\]"):
+      Dropout(rate, rngs=nnx.Rngs(0))
   rows = np.asarray(Dropout(0.5, broadcast_dims=(0,), rngs=nnx.Rngs(2))(x) == 0)
   assert (rows == rows[0]).all() and 0 < rows[0].sum() < 10  # one mask value per column
   # Per-call Rngs and RngStream draw from what is given, like nnx.Dropout.
