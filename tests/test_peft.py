@@ -253,7 +253,26 @@ def test_load_errors(tmp_path):
   with pytest.raises(ValueError, match=r"lora_B\.weight has shape \(8, 3\), the model needs \(8, 2\)"):
     load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
 
+  # A failed load leaves the model as it was: no adapters attached to a plain model, and none
+  # of an adapted model's tensors written (the bad key sorts after layer 0's, written first
+  # before the checks all ran ahead of the writes).
+  plain = Tiny(nnx.Rngs(0))
+  before = nnx.to_pure_dict(nnx.state(plain))
+  with pytest.raises(ValueError, match="has shape"):
+    load_adapters(tmp_path / "a", plain)
+  assert not lora_modules(plain)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(plain)), before)
+  adapted = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(5))
+  before = nnx.to_pure_dict(nnx.state(adapted))
+  with pytest.raises(ValueError, match="has shape"):
+    load_adapters(tmp_path / "a", adapted)
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(adapted)), before)
+
   meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+  (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+      {k: v for k, v in meta.items() if k != "r"}))
+  with pytest.raises(ValueError, match="adapter_config.json has no r "):
+    load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))
   (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**meta, "use_dora": True}))
   with pytest.raises(ValueError, match="use_dora"):
     load_adapters(tmp_path / "a", Tiny(nnx.Rngs(0)))

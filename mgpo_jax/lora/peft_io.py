@@ -157,6 +157,10 @@ def _config_from_peft(meta: Mapping[str, Any]) -> LoraConfig:
       f"init_lora_weights={init!r} is not supported; accepted: true, false, 'gaussian', "
       "'pissa'"
     )
+  missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in meta]
+  if missing:
+    raise ValueError(f"{CONFIG_NAME} has no {', '.join(missing)} (a PEFT LoRA config names "
+                     "r, lora_alpha and target_modules)")
   targets = meta["target_modules"]
   return LoraConfig(
     target_modules=targets if isinstance(targets, str) else tuple(targets),
@@ -179,7 +183,9 @@ def load_adapters(
   base kernels, as PEFT does). As in PEFT, a ``modules_to_save`` name that matches no module
   of ``model`` is ignored (PEFT's ``task_type="SEQ_CLS"`` writes ``["classifier", "score"]``
   whatever the head's name). Every expected tensor must be present with the right shape, and
-  every saved tensor must have a home in ``model``.
+  every saved tensor must have a home in ``model``; all of this is checked before ``model``
+  changes (on an abstract copy when the adapters are still to be attached), so an error
+  leaves it as it was.
 
   Args:
    path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -198,15 +204,28 @@ def load_adapters(
   config = dataclasses.replace(config, modules_to_save=tuple(
     n for n in config.modules_to_save if any(matches_name(m, n) for m in modules)
   ))
-  if not lora_modules(model):
+  tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+  attach = not lora_modules(model)
+  target = model if not attach else nnx.eval_shape(  # shapes only: nothing is computed
+    lambda m: apply_lora(m, config, rngs=nnx.Rngs(0)), model)
+  _check_fit(path, target, config, tensors)
+  if attach:
     apply_lora(model, config, rngs=rngs if rngs is not None else nnx.Rngs(0))
+  for key, (var, transposed) in _adapter_tensors(model).items():
+    var[...] = jnp.asarray(tensors[key].T if transposed else tensors[key], var.dtype)
+  return model, config
+
+
+def _check_fit(path: str, model: nnx.Module, config: LoraConfig,
+               tensors: Mapping[str, np.ndarray]) -> None:
+  """Raises ``ValueError`` unless ``tensors`` are exactly ``model``'s adapter tensors, with
+  their shapes, and its LoRA modules have the saved rank and scaling."""
   for p, layer in lora_modules(model).items():
     if layer.r != config.r or not np.isclose(layer.scaling, config.scaling):
       raise ValueError(
         f"load_adapters: module {p!r} has r={layer.r}, scaling={layer.scaling}; the "
         f"saved config has r={config.r}, scaling={config.scaling}"
       )
-  tensors = load_file(os.path.join(path, WEIGHTS_NAME))
   expected = _adapter_tensors(model)
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
@@ -216,11 +235,8 @@ def load_adapters(
       f"unexpected keys {unexpected}"
     )
   for key, (var, transposed) in expected.items():
-    value = tensors[key].T if transposed else tensors[key]
-    if value.shape != var.shape:
-      want = var.shape[::-1] if transposed else var.shape
+    want = var.shape[::-1] if transposed else var.shape
+    if tensors[key].shape != tuple(want):
       raise ValueError(
         f"load_adapters: {key} has shape {tensors[key].shape}, the model needs {want}"
       )
-    var[...] = jnp.asarray(value, var.dtype)
-  return model, config
