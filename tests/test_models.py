@@ -366,6 +366,17 @@ def test_bad_pooling_and_num_labels_raise(tmp_path):
     BertForSequenceClassification(config, num_labels=0, rngs=nnx.Rngs(0))
 
 
+def test_sequences_longer_than_the_position_table_raise():
+  """Past max_position_embeddings the embedding lookup would give NaN rows, silently."""
+  config = _small_bert_config()
+  model = BertForSequenceClassification(config, rngs=nnx.Rngs(0))
+  n = config.max_position_embeddings
+  assert np.isfinite(np.asarray(model(jnp.ones((1, n), jnp.int32)))).all()
+  with pytest.raises(ValueError, match=f"{n + 1} tokens per sequence, more than the model's "
+                                       f"max_position_embeddings \\({n}\\)"):
+    model(jnp.ones((1, n + 1), jnp.int32))
+
+
 # --------------------------------------------------------------------------------------------
 # Dropout and train / eval mode
 

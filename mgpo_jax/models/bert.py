@@ -56,6 +56,9 @@ class BertEmbeddings(nnx.Module):
     self.dropout = _dropout(config.hidden_dropout_prob, rngs)
 
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    if input_ids.shape[1] > self.position_embeddings.num_embeddings:  # NaN rows, not an error
+      raise ValueError(f"BERT: {input_ids.shape[1]} tokens per sequence, more than the model's "
+                       f"max_position_embeddings ({self.position_embeddings.num_embeddings})")
     positions = jnp.arange(input_ids.shape[1])[None, :]
     x = (
       self.word_embeddings(input_ids)
