@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> int:
+  from mgpo_jax.data import DataUnavailableError
   from mgpo_jax.finetune import predict
 
   try:
@@ -92,7 +93,7 @@ def _predict(args: argparse.Namespace) -> int:
       pathlib.Path(args.output).write_text("".join(line + "\n" for line in lines))
     else:
       print("\n".join(lines))
-  except (ValueError, OSError) as err:
+  except (ValueError, OSError, DataUnavailableError) as err:
     print(f"mgpo-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
   return 0

@@ -94,6 +94,9 @@ def test_finetune_on_files_then_predict(tmp_path, files, capsys):
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [p["text"] for p in printed] == ["a gorgeous film", "dull"]
   assert printed == predict.predict(run, ["a gorgeous film", "dull"])
+  with pytest.raises(ValueError, match=r"classifies single texts \(its text column 'review'\), "
+                                       r"but 1 input\(s\) are pairs"):
+    predict.predict(run, ["fine", ("a pair", "of texts")])  # not silently one text
 
 
 def _one_line(capsys, *needles):

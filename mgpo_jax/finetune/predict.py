@@ -48,6 +48,14 @@ def predict(run_dir: str | pathlib.Path, texts: Sequence[Any], *,
   from transformers import AutoTokenizer
 
   config, labels, model = load_run(run_dir)
+  pairs = config.task == "classification" and "," in config.text_column
+  wrong = [t for t in texts if isinstance(t, (tuple, list)) != pairs]
+  if wrong:
+    raise ValueError(
+        f"the run classifies {'sentence pairs' if pairs else 'single texts'} (its text column "
+        f"{config.text_column!r}), but {len(wrong)} input(s) are "
+        + ("single texts: give an --input-file with both columns" if pairs else
+           f"pairs: give one text each (the first: {list(wrong[0])!r})"))
   if config.task == "causal-lm":
     return [{"prompt": p, "generated": g}
             for p, g in zip(texts, generate(config, model, list(texts)))]
