@@ -169,6 +169,8 @@ def test_lora_one_flags_build_the_model_and_optimizer(tmp_path):
   config = cli._config(args)
   assert (config.init_lora_weights, config.precondition, config.init_examples) == (
       "lora-one", True, 4)
+  with pytest.raises(ValueError, match="--init-examples 33 is more than the 32 training"):
+    job.build_model(config.replace(init_examples=33), base_model(config), data=data)
   model, lora = job.build_model(config, base_model(config), data=data)
   assert lora.init == "lora-one" and not lora.use_rslora  # --use-rslora is the user's here
   assert all(float(abs(m.lora_b[...]).max()) > 0 for m in lora_modules(model).values())

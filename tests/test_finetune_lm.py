@@ -85,6 +85,10 @@ def test_llama_sequence_classification_through_the_job(tmp_path, capsys):
   rows = [{"text": q, "label": "big" if int(r.split()[-1]) > 40 else "small"}
           for q, r in tiny_llama.toy_pairs(40, seed=2)]
   (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert cli.main(["finetune", "--model", str(model_dir), "--train-file",  # BERT's flag
+                   str(tmp_path / "train.jsonl"), "--pooling", "mean", "--run-dir",
+                   str(tmp_path / "bad"), "--no-progress"]) == 2
+  assert "--pooling mean applies to BERT models" in capsys.readouterr().err
   assert cli.main(["finetune", "--model", str(model_dir), "--train-file",
                    str(tmp_path / "train.jsonl"), "--target-modules", "q_proj,v_proj",
                    "--optimizer", "adamw", "--steps", "6", "--batch-size", "8", "--seq-len",

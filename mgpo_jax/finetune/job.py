@@ -121,6 +121,9 @@ def load_base(config: FinetuneConfig, num_labels: int = 2, mesh: Any = None) -> 
   each weight is read straight into the sharding the Trainer gives it."""
   path = model_path(config)
   bert = model_type(path) == "bert"
+  if config.pooling != "cls" and not bert:
+    raise ValueError(f"--pooling {config.pooling} applies to BERT models; --model {path} is a "
+                     f"{model_type(path)} model (a Llama classifier reads its last real token)")
   try:
     return load_model(path, task=config.task,
                       num_labels=num_labels if config.task == "classification" else None,
@@ -163,6 +166,9 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None, num_labe
     raise ValueError("the lora-one init needs the training data: build_model(config, "
                      "data=...) (finetune.run passes it)")
   train = data["train"]
+  if config.init_examples > len(train["labels"]):
+    raise ValueError(f"--init-examples {config.init_examples} is more than the "
+                     f"{len(train['labels'])} training examples")
   batches = batch_iterator({k: v for k, v in train.items() if k != "labels"}, train["labels"],
                            config.batch_size, seed=config.seed)
   apply_lora_one(model, lora, _loss_fn(config), batches, num_examples=config.init_examples,
