@@ -408,9 +408,9 @@ def chosen_lrs(args, runs, dataset: str) -> dict[str, dict[str, Any]]:
 
 
 def phase_seeds(args, info) -> None:
-  """Seeds 0 .. N-1 at each variant's chosen rate, seed by seed (every variant's seed 1, then
-  every variant's seed 2, ...), so a study stopped part-way leaves the variants with about as
-  many seeds each, paired with LoRA's."""
+  """Seeds 0 .. N-1 at each variant's chosen rate, in rounds (every variant's seed k before any
+  variant's seed k + 1), so a study stopped part-way leaves the variants with about as many
+  seeds each, paired with LoRA's."""
   specs, sweep_of = variants(args.rho_sweep)
   for ds in _datasets(args):
     chosen = chosen_lrs(args, load_results(args.results), ds.name)

@@ -124,6 +124,8 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
     if saved.is_file():  # without one, the job decides (a start cut short begins afresh)
       try:
         base = FinetuneConfig.from_json(saved.read_text())
+        if not getattr(args, "compare", None):  # a compare's root config serves several
+          base = base.drop_unused_hypers()
       except (ValueError, TypeError) as err:
         raise ValueError(f"--resume: {saved} is not a valid run config ({err})") from err
   values, source = dataclasses.asdict(base), "config"

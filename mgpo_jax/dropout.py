@@ -20,12 +20,13 @@ axis costs a collective to build the mask.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mgpo_jax._checks import check_scalar
 
 _LEVELS = 1 << 16  # 16-bit uniforms
 
@@ -65,9 +66,8 @@ class Dropout(nnx.Dropout):
   """
 
   def __init__(self, rate: float, **kwargs: Any):
-    if not (isinstance(rate, numbers.Real) and 0 <= rate <= 1):  # 1: drop everything, as nnx
-      raise ValueError(f"Dropout: rate must be a number in [0, 1]; got {rate!r}")
-    super().__init__(rate, **kwargs)
+    check_scalar("Dropout", "rate", rate, lambda v: 0 <= v <= 1, "a number in [0, 1]")  # 1: all
+    super().__init__(float(rate), **kwargs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:

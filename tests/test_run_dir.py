@@ -243,6 +243,17 @@ def test_config_file_with_flags_overriding(tmp_path):
     cli._config(args)
 
 
+def test_config_file_values_json_gives_are_accepted(tmp_path):
+  """Integers where floats go, a list of targets, null: what JSON and TOML files hold."""
+  path = tmp_path / "run.json"
+  path.write_text('{"alpha": 16, "sign": -1, "rho": 0, "weight_decay": 0, "model": null, '
+                  '"target_modules": ["query", "value"]}')
+  config = cli._config(cli._parser().parse_args(["finetune", "--config", str(path)]))
+  config.validate()
+  assert config.target_modules == ("query", "value") and config.alpha == 16
+  assert FinetuneConfig(target_modules=["query"]).target_modules == ("query",)
+
+
 @pytest.mark.parametrize("field,value,needle", [
     ("weight_decay", "0.1", "--weight-decay must be a number; got '0.1'"),
     ("precondition", "false", "--precondition must be true or false; got 'false'"),

@@ -419,9 +419,9 @@ def test_registry_builds_each_perturbation_with_its_defaults():
     np.testing.assert_allclose(
         eps[p].col_scale, 0.5 * np.linalg.norm(_dense(w), axis=0) / np.sqrt(w.kernel.shape[0]),
         rtol=1e-5)
-  for flag_name in ("sigma", "beta", "rho"):
+  for flag_name, method in (("sigma", "ggpo"), ("beta", "ggpo"), ("rho", "mgpo-code")):
     with pytest.raises(ValueError, match=f"--{flag_name} must be a finite number >= 0"):
-      FinetuneConfig(optimizer="ggpo", **{flag_name: -1.0}).validate()
+      FinetuneConfig(optimizer=method, **{flag_name: -1.0}).validate()
   assert FinetuneConfig().parse_compare("adamw,mgpo,mgpo-code,flat-lora,ggpo,sam") == (
       "adamw", "mgpo", "mgpo-code", "flat-lora", "ggpo", "sam")
 

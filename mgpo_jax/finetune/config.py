@@ -123,6 +123,10 @@ class FinetuneConfig:
                           choices=("stop", "skip"))
   run_dir: str = _field("runs/finetune", "the run directory")
 
+  def __post_init__(self) -> None:
+    if isinstance(self.target_modules, list):  # as a config file gives it; kept as a tuple
+      object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
   def validate(self, methods: tuple[str, ...] = ()) -> None:
     """Raises ``ValueError`` naming the first bad field and the values it accepts.
 
@@ -244,6 +248,12 @@ class FinetuneConfig:
 
   def replace(self, **changes: Any) -> FinetuneConfig:
     return dataclasses.replace(self, **changes)
+
+  def drop_unused_hypers(self) -> FinetuneConfig:
+    """The config with the method hyper-parameters that ``optimizer`` does not take unset
+    (they have no effect on its run; a run saved before they became an error may hold one)."""
+    takes = METHODS[self.optimizer].hyper if self.optimizer in METHODS else {}
+    return self.replace(**{k: None for k in method_hypers() if k not in takes})
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -36,7 +36,7 @@ from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iter
                            load_rotten_tomatoes, minilm_path, tokenize)
 from mgpo_jax.data_files import load_classification_files, load_text_files
 from mgpo_jax.finetune import run_dir as run_dir_lib
-from mgpo_jax.finetune.config import FinetuneConfig, method_hypers
+from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.lora import LoraConfig, apply_lora, apply_lora_one, save_adapters
 from mgpo_jax.methods import METHODS
 from mgpo_jax.answers import exact_match_rate
@@ -122,8 +122,8 @@ def load_base(config: FinetuneConfig, num_labels: int = 2, mesh: Any = None) -> 
   path = model_path(config)
   bert = model_type(path) == "bert"
   if config.pooling != "cls" and not bert:
-    raise ValueError(f"--pooling {config.pooling} applies to BERT models; --model {path} is a "
-                     f"{model_type(path)} model (a Llama classifier reads its last real token)")
+    raise ValueError(f"--pooling {config.pooling} applies to BERT classifiers; --model {path} "
+                     f"is a {model_type(path)} model")
   try:
     return load_model(path, task=config.task,
                       num_labels=num_labels if config.task == "classification" else None,
@@ -356,8 +356,7 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
     raise UserError(" ".join(str(err).split())) from err
   summaries = {}
   for name in optimizers:  # each method keeps the hyper-parameters that are its own
-    sub = config.replace(optimizer=name, run_dir=str(root / name),
-                         **{k: None for k in method_hypers() if k not in METHODS[name].hyper})
+    sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused_hypers()
     summaries[name] = run(sub, resume=resume and (root / name / "config.json").exists(),
                           progress=progress, data=data, base_model=base_model)
   metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
@@ -383,7 +382,7 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
       saved = FinetuneConfig.from_json(config_file.read_text())
     except (ValueError, TypeError) as err:
       raise ValueError(f"--resume: {config_file} is not a valid run config ({err})") from err
-    changed = config.differences(saved)
+    changed = config.differences(saved.drop_unused_hypers())
     if changed:
       raise ValueError(f"--resume: these flags differ from the saved run's config: "
                        f"{'; '.join(changed)}. Drop them to continue the run as it was "

@@ -54,7 +54,8 @@ def predict(run_dir: str | pathlib.Path, texts: Sequence[Any], *,
     raise ValueError(
         f"the run classifies {'sentence pairs' if pairs else 'single texts'} (its text column "
         f"{config.text_column!r}), but {len(wrong)} input(s) are "
-        + ("single texts: give an --input-file with both columns" if pairs else
+        + ("single texts: give each as a (first, second) pair (an --input-file with both "
+           "columns)" if pairs else
            f"pairs: give one text each (the first: {list(wrong[0])!r})"))
   if config.task == "causal-lm":
     return [{"prompt": p, "generated": g}

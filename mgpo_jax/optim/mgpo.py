@@ -4,13 +4,14 @@ The math, the sources of the defaults and a study of where the method converges 
 ``docs/mgpo.md``.
 """
 
-import math
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from mgpo_jax._checks import check_scalar
 
 _SCOPES = ("global", "per_module")
 _MOMENT_HELP = (
@@ -38,40 +39,20 @@ class MGPOState(NamedTuple):
   base_state: optax.OptState
 
 
-def _is_concrete(value: Any) -> bool:
-  return not isinstance(value, jax.core.Tracer)
-
-
-def _check_scalars(where: str, checks: Sequence[tuple[str, Any, Any, str]]) -> None:
-  """Each ``(name, value, ok, accepted)``: ``value`` a real scalar with ``ok(value)``, else a
-  ``ValueError`` naming it; traced values and schedules (callables) are not checked."""
-  for name, value, ok, accepted in checks:
-    if callable(value) or not _is_concrete(value):
-      continue
-    if isinstance(value, (str, bytes, bool)) or jnp.ndim(value) != 0 or not (
-        jnp.issubdtype(jnp.result_type(value), jnp.floating)
-        or jnp.issubdtype(jnp.result_type(value), jnp.integer)):
-      raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}.")
-    if not (math.isfinite(float(value)) and ok(float(value))):
-      raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}.")
-
-
 def _validate(base_optimizer, rho, ema_decay, sign, max_inv_norm, eps, scope) -> None:
   if not (hasattr(base_optimizer, "init") and hasattr(base_optimizer, "update")):
     raise ValueError("mgpo: base_optimizer must be an optax GradientTransformation that keeps "
-                     f"a first moment (e.g. optax.adamw(1e-3)), got {base_optimizer!r}.")
+                     f"a first moment (e.g. optax.adamw(1e-3)); got {base_optimizer!r}")
   if scope not in _SCOPES:
-    raise ValueError(f"mgpo: scope must be one of {_SCOPES}, got {scope!r}.")
-  checks = [
-      ("rho", rho, lambda v: v >= 0.0, "a finite number >= 0 or a schedule"),
-      ("ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-      ("sign", sign, lambda v: v in (-1.0, 1.0), "-1 or +1"),
-      ("eps", eps, lambda v: v >= 0.0, "a finite number >= 0"),
-  ]
+    raise ValueError(f"mgpo: scope must be one of {_SCOPES}; got {scope!r}")
+  check_scalar("mgpo", "rho", rho, lambda v: v >= 0.0, "a finite number >= 0 or a schedule",
+               schedule_ok=True)
+  check_scalar("mgpo", "ema_decay", ema_decay, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+  check_scalar("mgpo", "sign", sign, lambda v: v in (-1.0, 1.0), "-1 or +1")
+  check_scalar("mgpo", "eps", eps, lambda v: v >= 0.0, "a finite number >= 0")
   if max_inv_norm is not None:
-    checks.append(("max_inv_norm", max_inv_norm, lambda v: v > 0.0,
-                   "None, a finite number > 0 or a schedule"))
-  _check_scalars("mgpo", checks)
+    check_scalar("mgpo", "max_inv_norm", max_inv_norm, lambda v: v > 0.0,
+                 "None, a finite number > 0 or a schedule", schedule_ok=True)
 
 
 def _key(path: Sequence[Any]) -> tuple[Hashable, ...]:
@@ -454,11 +435,12 @@ def mgpo_adamw(
     Chang, Guo, Chang, Wu, `LoRA-MGPO <https://arxiv.org/abs/2502.14538>`_,
     EMNLP 2025 Findings.
   """
-  _check_scalars("mgpo_adamw", [
+  for name, value, ok, accepted in (
       ("b1", b1, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
       ("b2", b2, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
       ("eps", eps, lambda v: v >= 0.0, "a finite number >= 0"),
-      ("weight_decay", weight_decay, lambda v: v >= 0.0, "a finite number >= 0")])
+      ("weight_decay", weight_decay, lambda v: v >= 0.0, "a finite number >= 0")):
+    check_scalar("mgpo_adamw", name, value, ok, accepted)
   return mgpo(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask),
       rho=rho, ema_decay=ema_decay, sign=sign, max_inv_norm=max_inv_norm, scope=scope,

@@ -153,28 +153,16 @@ def _check_int(method: str, name: str, value: Any) -> None:
     raise ValueError(f"{method}: {name} must be a positive integer; got {value!r}")
 
 
-def _check(method: str, name: str, value: Any, ok: Callable[[float], bool], accepted: str,
-           schedule_ok: bool = False) -> None:
-  """A clear ValueError naming the parameter and what it accepts (schedules unchecked)."""
-  if schedule_ok and callable(value):
-    return
-  try:
-    good = ok(float(value)) and jnp.isfinite(float(value))
-  except (TypeError, ValueError):
-    good = False
-  if not good:
-    raise ValueError(f"{method}: {name} must be {accepted}; got {value!r}")
-
-
 def _unchanged_unless_finite(update: Callable) -> Callable:
-  """``update``, except that a step whose adapter gradients are not all finite leaves the
-  state as it was (as :func:`optax.apply_if_finite` skips such a step), whatever ``update``
-  computes from them."""
+  """``update``, except that a step whose adapter gradients, or the state computed from them
+  (e.g. a norm that overflows), are not all finite leaves the state as it was (as
+  :func:`optax.apply_if_finite` skips such a step)."""
 
   def guarded(state, modules, grads):
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-                               or [True]))
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype),
-                        update(state, modules, grads), state)
+    new = update(state, modules, grads)
+    checked = jax.tree.leaves(grads) + [x for x in jax.tree.leaves(new)
+                                        if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in checked] or [True]))
+    return jax.tree.map(lambda n, old: jnp.where(finite, n, old).astype(old.dtype), new, state)
 
   return guarded

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mgpo_jax._checks import check_scalar
 from mgpo_jax.lora.layer import DenseNoise, column_norms
-from mgpo_jax.perturbation.base import WeightPerturbation, _check, cosine_ramp
+from mgpo_jax.perturbation.base import WeightPerturbation, cosine_ramp
 
 __all__ = ["FlatLoraState", "flat_lora", "sigma_schedule"]
 
@@ -23,7 +24,7 @@ def sigma_schedule(method: str, sigma: optax.ScalarOrSchedule,
                    total_steps: int | None) -> optax.Schedule:
   """σ_t: a given schedule; or a constant σ ramped by :func:`cosine_ramp` over
   ``total_steps``; or (``total_steps=None``) the constant σ."""
-  _check(method, "sigma", sigma, lambda v: v >= 0, "a number >= 0 or a schedule",
+  check_scalar(method, "sigma", sigma, lambda v: v >= 0, "a number >= 0 or a schedule",
          schedule_ok=True)
   if callable(sigma):
     if total_steps is not None:

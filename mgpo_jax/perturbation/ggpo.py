@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mgpo_jax._checks import check_scalar
 from mgpo_jax.lora.layer import DenseNoise
-from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _unchanged_unless_finite,
+from mgpo_jax.perturbation.base import (WeightPerturbation, _unchanged_unless_finite,
                                         image_column_sq_norms)
 from mgpo_jax.perturbation.flat_lora import noise_scales, sigma_schedule
 
@@ -79,7 +80,7 @@ def ggpo(sigma: optax.ScalarOrSchedule = 0.03, beta: float = 0.01, *,
     Li et al., `Flat-LoRA <https://arxiv.org/abs/2409.14396>`_, ICML 2025.
   """
   sigma_t = sigma_schedule("ggpo", sigma, total_steps)
-  _check("ggpo", "beta", beta, lambda v: v >= 0, "a finite number >= 0")
+  check_scalar("ggpo", "beta", beta, lambda v: v >= 0, "a finite number >= 0")
 
   def init_fn(modules):
     return GGPOState(tuple(jnp.zeros(w.kernel.shape[1], jnp.float32)

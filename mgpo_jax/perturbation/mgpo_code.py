@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mgpo_jax._checks import check_scalar
 from mgpo_jax.lora.layer import LowRank
 from mgpo_jax.optim.mgpo import _first_moment
-from mgpo_jax.perturbation.base import (WeightPerturbation, _check, _factors,
+from mgpo_jax.perturbation.base import (WeightPerturbation, _factors,
                                         _unchanged_unless_finite, adapter_pairs, image_sq_norm)
 
 __all__ = ["MGPOCodeState", "mgpo_code"]
@@ -85,10 +86,10 @@ def mgpo_code(rho: float = 0.05, *, ema_decay: float = 0.9, max_inv_norm: float 
     Momentum-Guided Perturbation Optimization <https://arxiv.org/abs/2502.14538>`_, EMNLP
     2025 Findings (and the authors' released code).
   """
-  _check("mgpo_code", "rho", rho, lambda v: v >= 0, "a finite number >= 0")
-  _check("mgpo_code", "ema_decay", ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
-  _check("mgpo_code", "max_inv_norm", max_inv_norm, lambda v: v > 0, "a finite number > 0")
-  _check("mgpo_code", "eps", eps, lambda v: v >= 0, "a finite number >= 0")
+  check_scalar("mgpo_code", "rho", rho, lambda v: v >= 0, "a finite number >= 0")
+  check_scalar("mgpo_code", "ema_decay", ema_decay, lambda v: 0 <= v < 1, "a number in [0, 1)")
+  check_scalar("mgpo_code", "max_inv_norm", max_inv_norm, lambda v: v > 0, "a finite number > 0")
+  check_scalar("mgpo_code", "eps", eps, lambda v: v >= 0, "a finite number >= 0")
 
   def init_fn(modules):
     return MGPOCodeState(jnp.zeros((), jnp.int32), jnp.zeros((len(modules),), jnp.float32))

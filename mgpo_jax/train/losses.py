@@ -41,8 +41,8 @@ def classification_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tu
       ``attention_mask``, ``token_type_ids``, ``mask``.
 
   Returns:
-    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``; the loss is
-    NaN when a label lies outside ``[0, C)`` (a value the trace cannot check).
+    ``(loss, {"loss_sum": Σ w CE, "correct": Σ w [argmax = y], "count": Σ w})``; the loss and
+    its gradient are NaN when a label lies outside ``[0, C)`` (a value the trace cannot check).
 
   Raises:
     ValueError: at trace time, for a batch without ``input_ids`` or ``labels``, or with
@@ -61,11 +61,11 @@ def classification_loss(model: nnx.Module, batch: Mapping[str, jax.Array]) -> tu
   kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
   logits = model(ids, **kwargs).astype(jnp.float32)
   w = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape)
-  loss, metrics = _weighted_cross_entropy(logits, labels, w)
-  # A label outside [0, C) would silently index another class (-1: the last): NaN instead. The
-  # added term is exactly 0 otherwise, so valid batches train bit for bit as without it.
-  invalid = jnp.any((labels < 0) | (labels >= logits.shape[-1]))
-  return loss + jnp.where(invalid, jnp.nan, 0.0), metrics
+  # A label outside [0, C) would silently index another class (-1: the last): its weight is
+  # NaN instead, so the loss and the gradients are (and --nonfinite skip skips the step); valid
+  # labels keep their weights exactly, so valid batches train bit for bit as without it.
+  w = jnp.where((labels < 0) | (labels >= logits.shape[-1]), jnp.nan, w)
+  return _weighted_cross_entropy(logits, labels, w)
 
 
 def causal_lm_loss(
