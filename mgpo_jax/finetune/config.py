@@ -157,13 +157,11 @@ class FinetuneConfig:
       raise ValueError(f"--optimizer {self.optimizer} uses the {method.lora_init} init; "
                        f"--init-lora-weights {self.init_lora_weights} conflicts with it (drop "
                        "it, or use --optimizer adamw with --init and --precondition)")
-    if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-            and 0 <= self.seed <= _MAX_SEED):
+    if not 0 <= self.seed <= _MAX_SEED:  # the types are checked above
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
     for name in ("rho", "sigma", "beta"):
       value = getattr(self, name)
-      if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
-                                    and value >= 0):
+      if value is not None and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{flag(name)} must be a finite number >= 0; got {value}")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
@@ -210,7 +208,7 @@ class FinetuneConfig:
     elif self.prompt_column or self.response_column or self.eval_generate:
       raise ValueError("--prompt-column, --response-column and --eval-generate need "
                        "--task causal-lm")
-    if not isinstance(self.eval_generate, int) or self.eval_generate < 0:
+    if self.eval_generate < 0:
       raise ValueError(f"--eval-generate must be an integer >= 0; got {self.eval_generate!r}")
     _positive_int("--max-new-tokens", self.max_new_tokens)
     if (self.validation_file or self.test_file) and not self.train_file:
@@ -324,10 +322,10 @@ def _show(value: Any) -> str:
 
 
 def _positive_int(name: str, value: Any) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+  if value <= 0:  # an int: the types are checked first
     raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+  if not (math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a number > 0; got {value!r}")
