@@ -213,7 +213,12 @@ def test_failed_save_leaves_existing_adapter_intact(tmp_path, monkeypatch):
   model = apply_lora(Tiny(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
   _randomize(model, 5)
   target = tmp_path / "adapter"
-  save_adapters(target, model, config)
+  umask = os.umask(0o027)
+  try:
+    save_adapters(target, model, config)
+  finally:
+    os.umask(umask)
+  assert target.stat().st_mode & 0o777 == 0o750  # the umask's mode, not a temp folder's 0700
   (target / "README.md").write_text("keep me")
   before = {f: (target / f).read_bytes() for f in os.listdir(target)}
 

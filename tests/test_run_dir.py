@@ -180,6 +180,41 @@ def test_resume_refuses_changed_flags(tmp_path, data, capsys, monkeypatch):
   assert _tree(tmp_path / "run") == before
 
 
+def test_resume_of_a_folder_that_does_not_exist_is_an_error(tmp_path, data):
+  """A mistyped --run-dir with --resume does not start a fresh run there."""
+  with pytest.raises(job.UserError, match="not an mgpo-jax run directory"):
+    _run(FinetuneConfig(**TINY, run_dir=str(tmp_path / "typo")), data, resume=True)
+  assert not (tmp_path / "typo").exists()
+
+
+def test_non_finite_parameters_are_not_saved(tmp_path, data):
+  """A step whose update overflows the parameters (the loss before it was finite) stops the
+  run before its checkpoint: nothing non-finite is saved (and one step is a valid run)."""
+  config = FinetuneConfig(**{**TINY, "lr": 1e39, "steps": 1, "save_every": 1, "eval_every": 1},
+                          optimizer="adamw", run_dir=str(tmp_path / "run"))
+  with pytest.raises(job.UserError, match="parameters became non-finite by step 1; the run "
+                                          "stopped before saving them"):
+    _run(config, data)
+  assert not any((tmp_path / "run" / "checkpoints").iterdir())
+  _run(config.replace(lr=1e-3), data, overwrite=True)  # --steps 1 trains (no warm-up step)
+
+
+def test_an_interrupted_overwrite_never_looks_finished(tmp_path, data, monkeypatch):
+  """summary.json and the adapters go first, so a clear cut short leaves no finished run."""
+  config = FinetuneConfig(**{**TINY, "steps": 3, "save_every": 3, "eval_every": 3},
+                          run_dir=str(tmp_path / "run"))
+  _run(config, data)
+
+  def interrupted(path, *args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(run_dir.shutil, "rmtree", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    run_dir.clear(tmp_path / "run", "run")
+  assert not (tmp_path / "run" / "summary.json").exists()
+  assert (tmp_path / "run" / "config.json").exists()  # the rest: not yet
+
+
 def test_opening_checkpoints_prunes_beyond_keep(tmp_path):
   """A kill between a save and orbax's pruning leaves keep + 1 checkpoints; the next open
   prunes them."""
@@ -300,6 +335,12 @@ def test_compare_follows_the_same_rule(tmp_path, data, capsys):
   (tmp_path / "cmp" / "mgpo" / "notes.txt").unlink()
   with pytest.raises(job.UserError, match="differs from the saved comparison"):
     job.run_compare(config, ("adamw", "sam"), resume=True, **kwargs)
+  with pytest.raises(job.UserError, match=r"--lr 0.5 \(saved: 0.001\)"):  # before any sub-run
+    job.run_compare(config.replace(lr=0.5), ("adamw", "mgpo"), resume=True, **kwargs)
+  assert job.run_compare(config, ("adamw", "mgpo"), resume=True, **kwargs) == first
+  # A sub-run killed after its manifest, before its config.json: the resume starts it afresh.
+  run_dir.clear(tmp_path / "cmp" / "mgpo", "run")
+  run_dir.create(tmp_path / "cmp" / "mgpo", "run", run_dir.RUN_ENTRIES)
   assert job.run_compare(config, ("adamw", "mgpo"), resume=True, **kwargs) == first
   job.run_compare(config, ("adamw", "sam"), overwrite=True, **kwargs)
   assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == [

@@ -67,9 +67,9 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   defaults. With ``--precondition`` (or a method that asks for it) the AdamW every method
   wraps is ``chain(precondition_lora(), adamw)``: inside MGPO, the preconditioner sees the
   clean θ."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.lr, warmup_steps=max(1, round(config.warmup_fraction * config.steps)),
-      decay_steps=config.steps)
+  warmup = min(max(1, round(config.warmup_fraction * config.steps)), config.steps - 1)
+  schedule = optax.warmup_cosine_decay_schedule(  # --steps 1: no warm-up step, not an error
+      0.0, config.lr, warmup_steps=warmup, decay_steps=config.steps)
   adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
   method = METHODS[config.optimizer]
   if config.precondition or method.precondition:  # before Adam, inside every method's base
@@ -340,6 +340,11 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
       if saved != sorted(optimizers):
         raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
                          f"comparison ({','.join(saved)})")
+      if (root / "config.json").exists():  # every sub-run's flags, checked before any runs
+        changed = config.differences(FinetuneConfig.from_json((root / "config.json").read_text()))
+        if changed:
+          raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
+                           f"{'; '.join(changed)}. Drop them to continue it as it was started")
     elif not run_dir_lib.is_empty(root):
       if not overwrite:
         raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
@@ -351,13 +356,14 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
         run_dir_lib.clear(root, "compare")
       run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES,
                                            **{n: run_dir_lib.SUB_RUN for n in optimizers}})
+    if not (root / "config.json").exists():  # also a comparison killed before writing it
       run_dir_lib.write_atomic(root / "config.json", config.to_json())
   except (ValueError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
   summaries = {}
   for name in optimizers:  # each method keeps the hyper-parameters that are its own
     sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused_hypers()
-    summaries[name] = run(sub, resume=resume and (root / name / "config.json").exists(),
+    summaries[name] = run(sub, resume=resume and (root / name).exists(),
                           progress=progress, data=data, base_model=base_model)
   metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
   plot_curves(metrics, root / "compare.png",
@@ -440,6 +446,15 @@ def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dic
           val = evaluate(trainer, state, data["validation"])
           _write(log, {"step": step, **{f"val_{k}": v for k, v in val.items()}})
           bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f}")
+        saving = step % config.save_every == 0 or step == config.steps
+        if saving:
+          os.fsync(log.fileno())  # the log up to this step is on disk before its checkpoint
+          if config.nonfinite == "stop" and not _all_finite(state.params):
+            raise ValueError(
+                f"the trained parameters became non-finite by step {step}; the run stopped "
+                f"before saving them and its last checkpoint (step "
+                f"{ckpt.latest_step() or 'none'}) is intact. Lower --lr, or pass --nonfinite "
+                "skip to skip such steps")
         ckpt.save(step, state, metadata={"step": step, "data_position": step},
                   force=step == config.steps)
         bar.update(1)
@@ -514,6 +529,10 @@ def _log_train(log, step: int, window: list) -> dict[str, float]:
             "accuracy": float(sum(m["correct"] for m in window) / sum(m["count"] for m in window))}
   _write(log, record)
   return record
+
+
+def _all_finite(tree: Any) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def _write(log, record: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ RUN_ENTRIES: dict[str, tuple[str, ...] | None] = {
     "adapters": _ADAPTER_FILES,
     ".adapters.tmp-*": _ADAPTER_FILES,  # save_adapters' draft folder
 }
+_FINISHED = ("summary.json", "adapters")  # what a finished run has and a started one lacks
 COMPARE_FILES: dict[str, tuple[str, ...] | None] = {
     "config.json": None, "config.json.tmp": None,
     "summary.json": None, "summary.json.tmp": None,
@@ -162,7 +163,9 @@ def clear(path: pathlib.Path, kind: str) -> None:
       child.unlink()
     return
   entries = read_manifest(path, kind)["entries"]
-  for child in sorted(path.iterdir()):
+  # What marks a finished run goes first, so an interrupted clear never looks like one.
+  order = {name: i for i, name in enumerate(_FINISHED)}
+  for child in sorted(path.iterdir(), key=lambda c: (order.get(c.name, len(order)), c.name)):
     if child.name == MANIFEST:
       continue
     if entries.get(child.name) == SUB_RUN and child.is_dir():
@@ -176,11 +179,12 @@ def clear(path: pathlib.Path, kind: str) -> None:
 
 
 def is_unstarted(path: pathlib.Path, kind: str) -> bool:
-  """Whether ``path`` holds no saved ``kind`` yet (no ``config.json``) and nothing but what a
-  start of mgpo-jax cut short may have written: a resume has nothing to continue."""
-  if (path / "config.json").exists():
+  """Whether the folder ``path`` holds no saved ``kind`` yet (no ``config.json``) and nothing
+  but what a start of mgpo-jax cut short may have written: a resume has nothing to continue.
+  A path that does not exist is not unstarted (a resume there is a mistyped --run-dir)."""
+  if not path.is_dir() or (path / "config.json").exists():
     return False
-  return not (path.is_dir() and foreign_entries(path, kind))
+  return not foreign_entries(path, kind)
 
 
 def remove_drafts(path: pathlib.Path) -> None:
@@ -196,7 +200,16 @@ def remove_drafts(path: pathlib.Path) -> None:
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` through ``path.tmp`` and a rename."""
+  """Writes ``text`` to ``path`` through ``path.tmp``, an fsync and a rename (then an fsync of
+  the folder), so that after a crash ``path`` holds the old text or the new, never less."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+  folder = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(folder)
+  finally:
+    os.close(folder)

@@ -120,6 +120,9 @@ def save_adapters(
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the adapter folder's mode
   try:
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
