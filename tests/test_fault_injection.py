@@ -48,9 +48,9 @@ def _kill_points(events: int, count: int, seed: int) -> list[int]:
   return [int(rng.integers(lo, max(lo + 1, hi))) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def _kill_and_resume(reference, kill_at):
+def _kill_and_resume(reference, kill_at, tag):
   root, _, expected = reference
-  run_dir = root / f"killed_{kill_at}"
+  run_dir = root / f"killed_{tag}_{kill_at}"  # the tests' kill points may coincide
   killed = _child(run_dir, kill_at, cache=root / "cache")
   assert killed.returncode == -9, f"not killed at event {kill_at}: {killed.stderr[-2000:]}"
   resumed = _child(run_dir, 0, "--resume", cache=root / "cache")
@@ -71,11 +71,11 @@ def test_kill_points_cover_the_run():
 @pytest.mark.parametrize("slice_index", range(3))
 def test_resume_after_sigkill_is_bit_identical(reference, slice_index):
   kill_at = _kill_points(reference[1], 3, seed=0)[slice_index]
-  _kill_and_resume(reference, kill_at)
+  _kill_and_resume(reference, kill_at, "slice")
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_many_points(reference):
   """40 kill points over the whole run (about 15 minutes on 2 cores)."""
   for kill_at in _kill_points(reference[1], 40, seed=1):
-    _kill_and_resume(reference, kill_at)
+    _kill_and_resume(reference, kill_at, "many")

@@ -22,6 +22,7 @@ import math
 import operator
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -289,6 +290,9 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
     run_dir = pathlib.Path(config.run_dir)
     if resume and run_dir_lib.is_unstarted(run_dir, "run"):
       # Killed before its config was saved: nothing to continue; replace the partial start.
+      if not run_dir.exists():  # killed before the folder was made, or a mistyped --run-dir
+        print(f"mgpo-jax: --resume: {run_dir} does not exist; starting the run there",
+              file=sys.stderr)
       resume, overwrite = False, True
     _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     if base_model is None:

@@ -179,12 +179,12 @@ def clear(path: pathlib.Path, kind: str) -> None:
 
 
 def is_unstarted(path: pathlib.Path, kind: str) -> bool:
-  """Whether the folder ``path`` holds no saved ``kind`` yet (no ``config.json``) and nothing
-  but what a start of mgpo-jax cut short may have written: a resume has nothing to continue.
-  A path that does not exist is not unstarted (a resume there is a mistyped --run-dir)."""
-  if not path.is_dir() or (path / "config.json").exists():
+  """Whether ``path`` holds no saved ``kind`` yet (no ``config.json``) and nothing but what a
+  start of mgpo-jax cut short may have written (perhaps not even the folder): a resume has
+  nothing to continue."""
+  if (path / "config.json").exists():
     return False
-  return not foreign_entries(path, kind)
+  return not (path.is_dir() and foreign_entries(path, kind))
 
 
 def remove_drafts(path: pathlib.Path) -> None:
