@@ -182,8 +182,13 @@ def test_lora_one_flags_build_the_model_and_optimizer(tmp_path):
   config = cli._config(args)
   assert (config.init_lora_weights, config.precondition, config.init_examples) == (
       "lora-one", True, 4)
-  with pytest.raises(ValueError, match="--init-examples 33 is more than the 32 training"):
-    job.build_model(config.replace(init_examples=33), base_model(config), data=data)
+  seen = []
+  real = job.apply_lora_one
+  with pytest.MonkeyPatch.context() as m:  # more than the 32 training examples: each once
+    m.setattr(job, "apply_lora_one", lambda *a, num_examples, **k: seen.append(num_examples)
+              or real(*a, num_examples=num_examples, **k))
+    job.build_model(config.replace(init_examples=10**6), base_model(config), data=data)
+  assert seen == [32]
   model, lora = job.build_model(config, base_model(config), data=data)
   assert lora.init == "lora-one" and not lora.use_rslora  # --use-rslora is the user's here
   assert all(float(abs(m.lora_b[...]).max()) > 0 for m in lora_modules(model).values())

@@ -88,7 +88,7 @@ def test_llama_sequence_classification_through_the_job(tmp_path, capsys):
   assert cli.main(["finetune", "--model", str(model_dir), "--train-file",  # BERT's flag
                    str(tmp_path / "train.jsonl"), "--pooling", "mean", "--run-dir",
                    str(tmp_path / "bad"), "--no-progress"]) == 2
-  assert "--pooling mean applies to BERT models" in capsys.readouterr().err
+  assert "--pooling mean applies to BERT classifiers" in capsys.readouterr().err
   assert cli.main(["finetune", "--model", str(model_dir), "--train-file",
                    str(tmp_path / "train.jsonl"), "--target-modules", "q_proj,v_proj",
                    "--optimizer", "adamw", "--steps", "6", "--batch-size", "8", "--seq-len",

@@ -82,7 +82,7 @@ class FinetuneConfig:
       "gradient of the first --init-examples training examples (set by --optimizer lora-one)",
       choices=INITS, aliases=("--init",))
   init_examples: int = _field(8, "training examples whose mean full gradient the lora-one init "
-                                 "uses (the released default)")
+                                 "uses (the released default; at most the training set)")
   precondition: bool = _field(False, "LoRA-One's r×r preconditioner of the adapter gradients "
                                      "before Adam, with any method (on in lora-one)")
   precondition_damping: float = _field(1e-6, "damping lambda of the r×r preconditioner")

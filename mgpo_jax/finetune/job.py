@@ -167,13 +167,11 @@ def build_model(config: FinetuneConfig, base: nnx.Module | None = None, num_labe
     raise ValueError("the lora-one init needs the training data: build_model(config, "
                      "data=...) (finetune.run passes it)")
   train = data["train"]
-  if config.init_examples > len(train["labels"]):
-    raise ValueError(f"--init-examples {config.init_examples} is more than the "
-                     f"{len(train['labels'])} training examples")
   batches = batch_iterator({k: v for k, v in train.items() if k != "labels"}, train["labels"],
                            config.batch_size, seed=config.seed)
-  apply_lora_one(model, lora, _loss_fn(config), batches, num_examples=config.init_examples,
-                 mesh=mesh, rngs=rngs)
+  apply_lora_one(model, lora, _loss_fn(config), batches,  # each example at most once
+                 num_examples=min(config.init_examples, len(train["labels"])), mesh=mesh,
+                 rngs=rngs)
   return model, lora
 
 
