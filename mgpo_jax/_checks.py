@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -20,7 +21,7 @@ def _real_scalar(value: Any) -> bool:
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return value.ndim == 0 and (np.issubdtype(value.dtype, np.integer)
                                 or np.issubdtype(value.dtype, np.floating)
-                                or value.dtype == jax.numpy.bfloat16)
+                                or value.dtype == jnp.bfloat16)
   return False
 
 

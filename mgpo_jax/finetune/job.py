@@ -534,7 +534,8 @@ def _log_train(log, step: int, window: list) -> dict[str, float]:
 
 
 def _all_finite(tree: Any) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+  """One host sync for the whole tree (called at checkpoint steps only)."""
+  return bool(jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
 
 def _write(log, record: dict[str, Any]) -> None:
