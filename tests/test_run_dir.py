@@ -191,6 +191,46 @@ def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, data, capsys):
   assert (tmp_path / "new" / "summary.json").exists()
 
 
+def test_a_run_directory_in_use_is_refused(tmp_path, data):
+  """A second process on a --run-dir that another holds stops before it reads the folder's
+  files or writes any (a new run, a resume, an overwrite, a comparison); the lock goes with
+  the holder, even one killed with SIGKILL."""
+  config = FinetuneConfig(**{**TINY, "steps": 3, "save_every": 3, "eval_every": 3},
+                          run_dir=str(tmp_path / "r"))
+  _run(config, data)
+  before = _tree(tmp_path / "r")
+  kwargs = dict(progress=False, data=data, base_model=_common.tiny_base_model)
+  with run_dir.Lock(tmp_path / "r") as held:
+    held.acquire()  # flock: a second open of the folder, even in this process, is refused
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+      with pytest.raises(job.UserError, match=f"--run-dir {tmp_path / 'r'} is in use by "
+                                               "another mgpo-jax process"):
+        _run(config, data, **flags)
+    with pytest.raises(job.UserError, match="is in use"):
+      job.run_compare(config, ("adamw", "mgpo"), overwrite=True, **kwargs)
+  assert _tree(tmp_path / "r") == before
+  with run_dir.Lock(tmp_path / "new") as held:  # a new run's folder, made by its holder
+    held.acquire()
+    with pytest.raises(job.UserError, match="is in use"):
+      _run(config.replace(run_dir=str(tmp_path / "new")), data)
+  assert not any((tmp_path / "new").iterdir())
+  holder = subprocess.Popen(  # holds the lock until killed
+      [sys.executable, "-c", "import pathlib, sys, time\n"
+       "from mgpo_jax.finetune.run_dir import Lock\n"
+       f"Lock(pathlib.Path({str(tmp_path / 'r')!r})).acquire(); print('held', flush=True)\n"
+       "time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+      cwd=pathlib.Path(__file__).resolve().parent.parent)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(job.UserError, match="is in use"):
+      _run(config, data, resume=True)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert _run(config, data, overwrite=True) == json.loads((tmp_path / "r" / "summary.json")
+                                                          .read_text())
+
+
 def test_non_finite_parameters_are_not_saved(tmp_path, data):
   """A step whose update overflows the parameters (the loss before it was finite) stops the
   run before its checkpoint: nothing non-finite is saved (and one step is a valid run)."""

@@ -286,41 +286,45 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
   try:
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
-    if resume and run_dir_lib.is_unstarted(run_dir, "run"):
-      # Killed before its config was saved: nothing to continue; replace the partial start.
-      if not run_dir.exists():  # killed before the folder was made, or a mistyped --run-dir
-        print(f"mgpo-jax: --resume: {run_dir} does not exist; starting the run there",
-              file=sys.stderr)
-      resume, overwrite = False, True
-    _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-    if base_model is None:
-      model_path(config)  # a bad --model fails before the data is read
-    data = data or load_data(config)
-    if config.batch_size > len(data["train"]["labels"]):
-      raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
-                       f"({len(data['train']['labels'])} examples)")
-    labels = label_names(data)
-    mesh = (make_mesh(axes=config.mesh) if config.mesh else
-            make_mesh(config.devices) if config.devices > 1 else None)
-    model, lora = build_model(config, base_model(config) if base_model else None, len(labels),
-                              data=data, mesh=mesh)
-    trainer = Trainer(model, build_optimizer(config), _loss_fn(config), mesh=mesh,
-                      remat=config.remat, accum_steps=config.accum_steps,
-                      compute_dtype=None if config.compute_dtype == "float32" else
-                      jnp.dtype(config.compute_dtype),
-                      perturbation=build_perturbation(config))
-    state = trainer.init(config.seed)
-    if resume:
-      run_dir_lib.remove_drafts(run_dir)
-    else:  # only now, when the inputs have proved good, is anything written or removed
-      if run_dir.exists():
-        run_dir_lib.clear(run_dir, "run")
-      run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
-      run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
-      run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
-    state, val = train(config, trainer, state, data, run_dir, progress=progress)
-    return export(config, trainer, state, model, lora, data, run_dir, val,
-                  base_model_name_or_path=None if base_model else model_path(config))
+    with run_dir_lib.Lock(run_dir) as lock:  # held to the end: no other process shares it
+      if run_dir.is_dir():
+        lock.acquire()  # before the checks, so that what they read stays as they read it
+      if resume and run_dir_lib.is_unstarted(run_dir, "run"):
+        # Killed before its config was saved: nothing to continue; replace the partial start.
+        if not run_dir.exists():  # killed before the folder was made, or a mistyped --run-dir
+          print(f"mgpo-jax: --resume: {run_dir} does not exist; starting the run there",
+                file=sys.stderr)
+        resume, overwrite = False, True
+      _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+      if base_model is None:
+        model_path(config)  # a bad --model fails before the data is read
+      data = data or load_data(config)
+      if config.batch_size > len(data["train"]["labels"]):
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
+                         f"({len(data['train']['labels'])} examples)")
+      labels = label_names(data)
+      mesh = (make_mesh(axes=config.mesh) if config.mesh else
+              make_mesh(config.devices) if config.devices > 1 else None)
+      model, lora = build_model(config, base_model(config) if base_model else None, len(labels),
+                                data=data, mesh=mesh)
+      trainer = Trainer(model, build_optimizer(config), _loss_fn(config), mesh=mesh,
+                        remat=config.remat, accum_steps=config.accum_steps,
+                        compute_dtype=None if config.compute_dtype == "float32" else
+                        jnp.dtype(config.compute_dtype),
+                        perturbation=build_perturbation(config))
+      state = trainer.init(config.seed)
+      lock.acquire()  # makes the folder of a new run
+      if resume:
+        run_dir_lib.remove_drafts(run_dir)
+      else:  # only now, when the inputs have proved good, is anything written or removed
+        if not run_dir_lib.is_empty(run_dir):
+          run_dir_lib.clear(run_dir, "run")
+        run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
+        run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
+        run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
+      state, val = train(config, trainer, state, data, run_dir, progress=progress)
+      return export(config, trainer, state, model, lora, data, run_dir, val,
+                    base_model_name_or_path=None if base_model else model_path(config))
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
@@ -333,46 +337,50 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
   ``compare.png`` and ``summary.json`` in ``run_dir`` and prints a summary table. ``resume``
   continues every sub-run (starting those that never started)."""
   root = pathlib.Path(config.run_dir)
-  try:
-    config.validate(tuple(optimizers))
-    run_dir_lib.check_usable(root)
-    if resume:
-      manifest = run_dir_lib.read_manifest(root, "compare")
-      saved = sorted(k for k, v in manifest["entries"].items() if v == run_dir_lib.SUB_RUN)
-      if saved != sorted(optimizers):
-        raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
-                         f"comparison ({','.join(saved)})")
-      if (root / "config.json").exists():  # every sub-run's flags, checked before any runs
-        changed = config.differences(FinetuneConfig.from_json((root / "config.json").read_text()))
-        if changed:
-          raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
-                           f"{'; '.join(changed)}. Drop them to continue it as it was started")
-    elif not run_dir_lib.is_empty(root):
-      if not overwrite:
-        raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
-                         "--overwrite to replace it")
-      run_dir_lib.check_replaceable(root, "compare")
-    data = data or load_data(config)
-    if not resume:
-      if root.exists():
-        run_dir_lib.clear(root, "compare")
-      run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES,
-                                           **{n: run_dir_lib.SUB_RUN for n in optimizers}})
-    if not (root / "config.json").exists():  # also a comparison killed before writing it
-      run_dir_lib.write_atomic(root / "config.json", config.to_json())
-  except (ValueError, DataUnavailableError, FileNotFoundError) as err:
-    raise UserError(" ".join(str(err).split())) from err
-  summaries = {}
-  for name in optimizers:  # each method keeps the hyper-parameters that are its own
-    sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused_hypers()
-    summaries[name] = run(sub, resume=resume and (root / name).exists(),
-                          progress=progress, data=data, base_model=base_model)
-  metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
-  plot_curves(metrics, root / "compare.png",
-              title=f"LoRA r={config.rank}: " + ", ".join(optimizers))
-  run_dir_lib.write_atomic(root / "summary.json", json.dumps(summaries, indent=2))
-  print(summary_table(summaries))
-  return summaries
+  with run_dir_lib.Lock(root) as lock:  # held to the end, as in run()
+    try:
+      config.validate(tuple(optimizers))
+      run_dir_lib.check_usable(root)
+      if root.is_dir():
+        lock.acquire()  # before the checks, as in run()
+      if resume:
+        manifest = run_dir_lib.read_manifest(root, "compare")
+        saved = sorted(k for k, v in manifest["entries"].items() if v == run_dir_lib.SUB_RUN)
+        if saved != sorted(optimizers):
+          raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
+                           f"comparison ({','.join(saved)})")
+        if (root / "config.json").exists():  # every sub-run's flags, checked before any runs
+          changed = config.differences(FinetuneConfig.from_json((root / "config.json").read_text()))
+          if changed:
+            raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
+                             f"{'; '.join(changed)}. Drop them to continue it as it was started")
+      elif not run_dir_lib.is_empty(root):
+        if not overwrite:
+          raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
+                           "--overwrite to replace it")
+        run_dir_lib.check_replaceable(root, "compare")
+      data = data or load_data(config)
+      lock.acquire()
+      if not resume:
+        if not run_dir_lib.is_empty(root):
+          run_dir_lib.clear(root, "compare")
+        run_dir_lib.create(root, "compare", {**run_dir_lib.COMPARE_FILES,
+                                             **{n: run_dir_lib.SUB_RUN for n in optimizers}})
+      if not (root / "config.json").exists():  # also a comparison killed before writing it
+        run_dir_lib.write_atomic(root / "config.json", config.to_json())
+    except (ValueError, DataUnavailableError, FileNotFoundError) as err:
+      raise UserError(" ".join(str(err).split())) from err
+    summaries = {}
+    for name in optimizers:  # each method keeps the hyper-parameters that are its own
+      sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused_hypers()
+      summaries[name] = run(sub, resume=resume and (root / name).exists(),
+                            progress=progress, data=data, base_model=base_model)
+    metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
+    plot_curves(metrics, root / "compare.png",
+                title=f"LoRA r={config.rank}: " + ", ".join(optimizers))
+    run_dir_lib.write_atomic(root / "summary.json", json.dumps(summaries, indent=2))
+    print(summary_table(summaries))
+    return summaries
 
 
 def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,

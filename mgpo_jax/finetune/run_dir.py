@@ -5,9 +5,14 @@ The job writes ``.mgpo-jax-run.json`` into a run directory before anything else.
 names its format version, the kind of directory (``"run"`` or ``"compare"``) and the entries
 the job may create there, as exact names or ``fnmatch`` patterns, each with what it is: a file
 (``null``), a folder with the child patterns it may hold, or ``"run"``, a sub-run directory with
-a manifest of its own (in a comparison). ``--overwrite`` removes exactly the entries that match, and only when every entry in
-the directory matches; a directory without a manifest, or with anything the manifest does not
-name, is refused with an error that lists the unknown entries. The directory itself is kept.
+a manifest of its own (in a comparison). ``--overwrite`` removes exactly the entries that
+match, and only when every entry in the directory matches; a directory without a manifest, or
+with anything the manifest does not name, is refused with an error that lists the unknown
+entries. The directory itself is kept.
+
+While a process uses a run directory it holds an exclusive lock on it (:class:`Lock`), so a
+second process given the same ``--run-dir`` stops with an error instead of interleaving its
+files with the first's.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+
+try:
+  import fcntl
+except ImportError:  # Windows: no advisory locks; run directories are then unguarded
+  fcntl = None
 
 MANIFEST = ".mgpo-jax-run.json"
 FORMAT = 1
@@ -47,6 +57,47 @@ COMPARE_FILES: dict[str, tuple[str, ...] | None] = {
 
 class RunDirError(ValueError):
   """A run directory that may not be used as asked (the message names ``--run-dir``)."""
+
+
+class Lock:
+  """An exclusive ``flock`` on the run directory ``path``, from :meth:`acquire` to the end of
+  the ``with`` block. The kernel drops it when the process ends, so a killed run never leaves
+  a stale lock. On a filesystem without ``flock`` (some network mounts) the lock is skipped.
+
+  Example::
+
+    with Lock(path) as lock:
+      lock.acquire()  # makes the folder if needed; raises RunDirError if another holds it
+      ...
+  """
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Makes ``path`` if missing and locks it; does nothing when already held."""
+    if self._fd is not None or fcntl is None:
+      return
+    self.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise RunDirError(f"--run-dir {self.path} is in use by another mgpo-jax process; wait "
+                        "for it to end or choose another --run-dir") from None
+    except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): unguarded, as without fcntl
+      pass
+    self._fd = fd
+
+  def __enter__(self) -> Lock:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the only descriptor releases the lock
+      self._fd = None
 
 
 def check_usable(path: pathlib.Path) -> None:
