@@ -107,8 +107,7 @@ def test_overwrite_removes_only_the_runs_entries(tmp_path, data):
   _run(config, data)
   made = sorted(p.name for p in (tmp_path / "run").iterdir())
   assert made == [".mgpo-jax-run.json", "adapters", "checkpoints", "config.json", "curves.png",
-                  "labels.json",
-                  "metrics.jsonl", "summary.json"]
+                  "data.json", "labels.json", "metrics.jsonl", "summary.json"]
   (tmp_path / "run" / "adapters" / "README.md").write_text("my notes")
   with pytest.raises(job.UserError, match=r"adapters/README.md"):
     _run(config, data, overwrite=True)
@@ -178,6 +177,26 @@ def test_resume_refuses_changed_flags(tmp_path, data, capsys, monkeypatch):
                    "--lr", "0.5"]) == 2
   _one_line_error(capsys, "--steps 40 (saved: 6)", "--lr 0.5 (saved: 0.001)")
   assert _tree(tmp_path / "run") == before
+
+
+def test_resume_refuses_changed_data(tmp_path, data):
+  """Other tokenised splits or label names than the run started with (an edited data file, a
+  new tokenizer) are refused, naming the splits; a run saved without data.json resumes."""
+  config = FinetuneConfig(**{**TINY, "steps": 3, "save_every": 3, "eval_every": 3},
+                          run_dir=str(tmp_path / "r"))
+  finished = _run(config, data)
+  before = _tree(tmp_path / "r")
+  relabelled = {**data, "train": {**data["train"], "labels": 1 - data["train"]["labels"]}}
+  with pytest.raises(job.UserError, match=r"the data differ from the saved run's \(train\)"):
+    _run(config, relabelled, resume=True)
+  shorter = {**data, "validation": {k: v[:-1] for k, v in data["validation"].items()},
+             "label_names": ["no", "yes"]}
+  with pytest.raises(job.UserError, match=r"saved run's \(validation, label_names\)"):
+    _run(config, shorter, resume=True)
+  assert _tree(tmp_path / "r") == before
+  assert _run(config, data, resume=True) == finished
+  (tmp_path / "r" / "data.json").unlink()  # as saved by mgpo-jax before data.json
+  assert _run(config, data, resume=True) == finished
 
 
 def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, data, capsys):

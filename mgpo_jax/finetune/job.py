@@ -17,6 +17,7 @@ call the same functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -299,6 +300,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
       if base_model is None:
         model_path(config)  # a bad --model fails before the data is read
       data = data or load_data(config)
+      if resume:
+        _check_same_data(run_dir, data)
       if config.batch_size > len(data["train"]["labels"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(data['train']['labels'])} examples)")
@@ -322,6 +325,7 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
         run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
         run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
         run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
+        run_dir_lib.write_atomic(run_dir / "data.json", json.dumps(_data_fingerprint(data)))
       state, val = train(config, trainer, state, data, run_dir, progress=progress)
       return export(config, trainer, state, model, lora, data, run_dir, val,
                     base_model_name_or_path=None if base_model else model_path(config))
@@ -408,6 +412,37 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
       raise ValueError(f"--run-dir {run_dir} is not empty; pass --resume to continue it or "
                        "--overwrite to replace it")
     run_dir_lib.check_replaceable(run_dir, "run")
+
+
+def _data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:
+  """What a resume checks the data against: the SHA-256 of each tokenised split (every
+  array's name, dtype, shape and bytes) and the label names."""
+  out: dict[str, Any] = {"label_names": label_names(data)}
+  for split in ("train", "validation", "test"):
+    if split in data:
+      digest = hashlib.sha256()
+      for key in sorted(data[split]):
+        array = np.ascontiguousarray(data[split][key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+      out[split] = digest.hexdigest()
+  return out
+
+
+def _check_same_data(run_dir: pathlib.Path, data: dict[str, Any]) -> None:
+  """Raises unless ``data`` is what the run in ``run_dir`` started with (runs saved before
+  mgpo-jax recorded ``data.json`` are not checked)."""
+  file = run_dir / "data.json"
+  if not file.exists():
+    return
+  saved, now = json.loads(file.read_text()), json.loads(json.dumps(_data_fingerprint(data)))
+  changed = [k for k in ("train", "validation", "test", "label_names")
+             if saved.get(k) != now.get(k)]
+  if changed:
+    raise ValueError(
+        f"--resume: the data differ from the saved run's ({', '.join(changed)}): a changed "
+        "data file, tokenizer or label set. Resume with the data the run started with, or "
+        "start a new run")
 
 
 def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dict,

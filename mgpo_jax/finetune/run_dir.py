@@ -40,6 +40,7 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RUN_ENTRIES: dict[str, tuple[str, ...] | None] = {
     "config.json": None, "config.json.tmp": None,
     "labels.json": None, "labels.json.tmp": None,
+    "data.json": None, "data.json.tmp": None,
     "metrics.jsonl": None, "metrics.jsonl.tmp": None,
     "summary.json": None, "summary.json.tmp": None,
     "curves.png": None, "curves.png.tmp": None,
