@@ -29,15 +29,16 @@ _EXPORTS = {
     "mgpo_jax.data": ("DataUnavailableError", "Split", "batch_iterator", "eval_batch_iterator",
                       "load_rotten_tomatoes", "minilm_path", "tokenize"),
     "mgpo_jax.train.checkpoint": ("CheckpointError", "Checkpointer"),
-    "mgpo_jax.train": ("TrainState", "Trainer", "classification_loss", "clean_params",
-                       "make_mesh", "parse_mesh", "ShardingRules"),
+    "mgpo_jax.train": ("TrainState", "Trainer", "causal_lm_loss", "classification_loss",
+                       "clean_params", "make_mesh", "parse_mesh", "perplexity", "ShardingRules"),
     "mgpo_jax.lora": ("ALL_LINEAR", "INITS", "DenseNoise", "LoraConfig", "LoraLinear",
                       "LowRank", "Perturbation", "apply_lora",
                       "clear_perturbations", "frozen", "init_lora_params", "lora_labels",
                       "lora_modules", "merge_lora", "merge_lora_params", "perturbed",
                       "load_adapters", "save_adapters", "set_perturbations", "split_lora",
                       "trainable", "kernel_gradients", "init_lora_one", "apply_lora_one"),
-    "mgpo_jax.models": ("BertForSequenceClassification", "BertModel", "LlamaForCausalLM"),
+    "mgpo_jax.models": ("BertForSequenceClassification", "BertModel", "LlamaForCausalLM",
+                        "LlamaForSequenceClassification", "load_model"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

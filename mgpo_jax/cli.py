@@ -30,8 +30,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="mgpo-jax", description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(prog="mgpo-jax", description="Flat-minima LoRA fine-tuning in JAX: "
+                   "`finetune` trains a run, `predict` applies a finished one.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="{finetune,predict}")
   ft = sub.add_parser(
       "finetune", help="LoRA fine-tune MiniLM on Rotten Tomatoes (defaults: r=8, alpha=16, "
                        "query/value, mgpo)",
@@ -65,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace the previous mgpo-jax run in --run-dir (only files it wrote)")
   ft.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-  pr = sub.add_parser("predict", help="label new texts with a finished fine-tune run",
+  pr = sub.add_parser("predict", help="label new texts (or answer prompts, for a causal-LM "
+                                      "run) with a finished fine-tune run",
                       description="Labels texts with a finished run (its saved config, labels "
-                                  "and adapters); prints one JSON object per text.")
+                                  "and adapters), or greedily generates answers for a causal-LM "
+                                  "run; prints one JSON object per text.")
   pr.add_argument("--run-dir", required=True, help="the run directory of `mgpo-jax finetune`")
   source = pr.add_mutually_exclusive_group(required=True)
   source.add_argument("--text", action="append", help="a text to label (repeatable)")

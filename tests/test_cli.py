@@ -239,6 +239,11 @@ def test_cli_compare_adamw_lora_one_minilm(tmp_path, small_data, monkeypatch, ca
                                                 "takes: none"]),
     (["--compare", "adamw,flat-lora", "--sign", "1"], ["--sign", "adamw, flat-lora",
                                                        "take: --sigma"]),
+    (["--compare", "adamw,lora-one", "--init", "gaussian"], ["--compare's lora-one",
+                                                             "gaussian"]),
+    (["--validation-fraction", "0.2"], ["--validation-fraction", "--train-file"]),
+    (["--task", "causal-lm", "--model", ".", "--train-file", "t.jsonl", "--eval-generate", "3"],
+     ["--eval-generate", "--prompt-column"]),
 ])
 def test_bad_flags_fail_fast(args, needles, tmp_path, capsys):
   assert cli.main(["finetune", "--run-dir", str(tmp_path / "r"), *args]) == 2

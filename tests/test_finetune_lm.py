@@ -79,9 +79,12 @@ def test_predict_generates(llama_run, capsys):
   assert out["prompt"] == pairs[0][0] and isinstance(out["generated"], str)
 
 
-def test_llama_sequence_classification_through_the_job(tmp_path, capsys):
-  """The classification path works for Llama too: `score` head trained in full, then predict."""
-  model_dir = tiny_llama.save_tiny_llama(tmp_path / "llama", seed=0, scale=0.2)
+def test_llama_sequence_classification_through_the_job(tmp_path, capsys, monkeypatch):
+  """The classification path works for Llama too: `score` head trained in full, then predict,
+  from another folder (the run saves the relative --model as an absolute path)."""
+  tiny_llama.save_tiny_llama(tmp_path / "llama", seed=0, scale=0.2)
+  monkeypatch.chdir(tmp_path)
+  model_dir = "llama"
   rows = [{"text": q, "label": "big" if int(r.split()[-1]) > 40 else "small"}
           for q, r in tiny_llama.toy_pairs(40, seed=2)]
   (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -96,8 +99,33 @@ def test_llama_sequence_classification_through_the_job(tmp_path, capsys):
                    str(tmp_path / "run"), "--no-progress"]) == 0
   meta = json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
   assert meta["task_type"] == "SEQ_CLS" and "score" in meta["modules_to_save"]
+  assert meta["base_model_name_or_path"] == str(tmp_path / "llama")
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
   capsys.readouterr()
   assert cli.main(["predict", "--run-dir", str(tmp_path / "run"), "--text", rows[0]["text"]]) == 0
   (out,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert out["label"] in ("big", "small")
   assert sum(out["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_unsupported_rope_type_is_one_line(tmp_path, capsys):
+  """A Llama 3.1-style checkpoint (rope_type llama3) is refused naming --model, not with a
+  traceback, and nothing is written."""
+  model_dir = tiny_llama.save_tiny_llama(tmp_path / "llama", seed=0, scale=0.2)
+  config = json.loads((model_dir / "config.json").read_text())
+  config["rope_parameters"] = config["rope_scaling"] = {
+      "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+  (model_dir / "config.json").write_text(json.dumps(config))
+  (tmp_path / "t.jsonl").write_text("".join(
+      json.dumps({"question": q, "answer": a}) + "\n" for q, a in tiny_llama.toy_pairs(8, seed=1)))
+  capsys.readouterr()  # the saver's progress bar
+  assert cli.main(["finetune", "--task", "causal-lm", "--model", str(model_dir), "--train-file",
+                   str(tmp_path / "t.jsonl"), "--prompt-column", "question",
+                   "--response-column", "answer", "--target-modules", "all-linear",
+                   "--seq-len", "16", "--batch-size", "4", "--run-dir", str(tmp_path / "run"),
+                   "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"mgpo-jax: error: --model {model_dir}:") and "rope_type" in err, err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -622,3 +622,13 @@ def test_docs_lora_example_runs(tmp_path, monkeypatch):
   np.testing.assert_allclose(merged(batch["input_ids"], batch["attention_mask"]),
                 model(batch["input_ids"], batch["attention_mask"]),
                 rtol=1e-4, atol=1e-4)
+  # The nnx.Optimizer variant, run as written on the same model: it trains the adapters only.
+  from mgpo_jax import frozen, trainable
+  block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "nnx.Optimizer" in b)
+  exec(compile(block, "docs/lora.md", "exec"), ns)  # noqa: S102
+  def values(which):  # copies: the states' leaves are the model's own Variables
+    return [np.array(x) for x in jax.tree.leaves(nnx.state(model, which))]
+  base, adapters = values(frozen), values(trainable)
+  assert np.isfinite(float(ns["train_step"](model, ns["optimizer"], batch, ns["labels"])))
+  assert all(np.array_equal(a, b) for a, b in zip(values(frozen), base))
+  assert any(not np.array_equal(a, b) for a, b in zip(values(trainable), adapters))

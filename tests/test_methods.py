@@ -50,6 +50,18 @@ def test_lora_one_is_the_init_and_the_preconditioner():
   assert FinetuneConfig().parse_compare("adamw,lora-one") == ("adamw", "lora-one")
 
 
+@pytest.mark.parametrize("fraction, steps, first_lr", [
+    (0.0, 10, 1e-2),  # no warm-up: the first step at the full rate
+    (0.03, 10, 0.0),  # 0.3 warm-up steps round up to one, whose rate is 0
+    (0.5, 10, 0.0), (0.5, 1, 1e-2)])  # --steps 1: no room for a warm-up step
+def test_the_warm_up_starts_where_the_fraction_says(fraction, steps, first_lr):
+  tx = job.build_optimizer(FinetuneConfig(optimizer="adamw", steps=steps, lr=1e-2,
+                                          warmup_fraction=fraction, weight_decay=0.0))
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update({"w": jnp.full(3, 0.5)}, tx.init(params), params)
+  assert jnp.allclose(updates["w"], -first_lr, rtol=1e-4, atol=0)  # Adam's first step: -lr
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_builds_and_takes_a_finite_step(name):
   config = FinetuneConfig(optimizer=name, steps=10, lr=1e-2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -126,6 +127,8 @@ class FinetuneConfig:
   def __post_init__(self) -> None:
     if isinstance(self.target_modules, list):  # as a config file gives it; kept as a tuple
       object.__setattr__(self, "target_modules", tuple(self.target_modules))
+    if isinstance(self.model, str) and os.path.isdir(self.model):  # saved usable from anywhere
+      object.__setattr__(self, "model", os.path.abspath(self.model))
 
   def validate(self, methods: tuple[str, ...] = ()) -> None:
     """Raises ``ValueError`` naming the first bad field and the values it accepts.
@@ -146,17 +149,19 @@ class FinetuneConfig:
     _positive("--alpha", self.alpha)
     _positive("--lr", self.lr)
     _positive("--precondition-damping", self.precondition_damping)
-    method = METHODS[self.optimizer]
+    where = "--compare's" if methods else "--optimizer"
     methods = methods or (self.optimizer,)
     for name in method_hypers():
       if getattr(self, name) is not None and not any(name in METHODS[m].hyper for m in methods):
         takes = sorted({flag(k) for m in methods for k in METHODS[m].hyper}) or ["none"]
         raise ValueError(f"{flag(name)} is not a hyper-parameter of {', '.join(methods)} "
                          f"(which take{'s' if len(methods) == 1 else ''}: {', '.join(takes)})")
-    if method.lora_init and self.init_lora_weights not in ("default", method.lora_init):
-      raise ValueError(f"--optimizer {self.optimizer} uses the {method.lora_init} init; "
-                       f"--init-lora-weights {self.init_lora_weights} conflicts with it (drop "
-                       "it, or use --optimizer adamw with --init and --precondition)")
+    for name in methods:
+      lora_init = METHODS[name].lora_init
+      if lora_init and self.init_lora_weights not in ("default", lora_init):
+        raise ValueError(f"{where} {name} uses the {lora_init} init; --init-lora-weights "
+                         f"{self.init_lora_weights} conflicts with it (drop it, or use "
+                         "--optimizer adamw with --init and --precondition)")
     if not 0 <= self.seed <= _MAX_SEED:  # the types are checked above
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
     for name in ("rho", "sigma", "beta"):
@@ -199,12 +204,19 @@ class FinetuneConfig:
         raise ValueError(f"--target-modules {targets!r} is not a valid regex ({err})") from err
     if not 0 < self.validation_fraction < 1:
       raise ValueError(f"--validation-fraction must be in (0, 1); got {self.validation_fraction}")
+    if (self.validation_fraction != _default("validation_fraction")
+        and (not self.train_file or self.validation_file)):
+      raise ValueError("--validation-fraction splits --train-file when no --validation-file "
+                       "is given; drop it here")
     if self.task == "causal-lm":
       if not (self.train_file and self.model):
         raise ValueError("--task causal-lm needs --model (a Llama checkpoint folder) and "
                          "--train-file")
       if (self.prompt_column is None) != (self.response_column is None):
         raise ValueError("--prompt-column and --response-column go together")
+      if self.eval_generate and not self.prompt_column:
+        raise ValueError("--eval-generate compares generated answers with --response-column; "
+                         "give --prompt-column and --response-column, or drop it")
     elif self.prompt_column or self.response_column or self.eval_generate:
       raise ValueError("--prompt-column, --response-column and --eval-generate need "
                        "--task causal-lm")
@@ -315,6 +327,10 @@ def choice_text(choices: tuple[Any, ...]) -> str:
 def flag(field_name: str) -> str:
   """The command-line flag of a config field: ``batch_size`` -> ``--batch-size``."""
   return "--" + field_name.replace("_", "-")
+
+
+def _default(name: str) -> Any:
+  return FinetuneConfig.__dataclass_fields__[name].default
 
 
 def _show(value: Any) -> str:

@@ -69,9 +69,11 @@ def build_optimizer(config: FinetuneConfig) -> optax.GradientTransformation:
   defaults. With ``--precondition`` (or a method that asks for it) the AdamW every method
   wraps is ``chain(precondition_lora(), adamw)``: inside MGPO, the preconditioner sees the
   clean θ."""
-  warmup = min(max(1, round(config.warmup_fraction * config.steps)), config.steps - 1)
+  warmup = round(config.warmup_fraction * config.steps)
+  if config.warmup_fraction > 0:  # at least one warm-up step; none for 0 (step 0 at full lr)
+    warmup = max(1, warmup)
   schedule = optax.warmup_cosine_decay_schedule(  # --steps 1: no warm-up step, not an error
-      0.0, config.lr, warmup_steps=warmup, decay_steps=config.steps)
+      0.0, config.lr, warmup_steps=min(warmup, config.steps - 1), decay_steps=config.steps)
   adamw = optax.adamw(schedule, weight_decay=config.weight_decay)
   method = METHODS[config.optimizer]
   if config.precondition or method.precondition:  # before Adam, inside every method's base
@@ -132,7 +134,7 @@ def load_base(config: FinetuneConfig, num_labels: int = 2, mesh: Any = None) -> 
                       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
                       shardings=None if mesh is None else load_shardings(mesh),
                       **({"pooling": config.pooling} if bert else {}))
-  except (FileNotFoundError, ValueError) as err:
+  except (FileNotFoundError, ValueError, NotImplementedError) as err:  # e.g. Llama 3's RoPE
     raise ValueError(f"--model {path}: {err}") from err
 
 
