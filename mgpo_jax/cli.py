@@ -127,10 +127,9 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
     if saved.is_file():  # without one, the job decides (a start cut short begins afresh)
       try:
         base = FinetuneConfig.from_json(saved.read_text())
-        if not getattr(args, "compare", None):  # a compare's root config serves several
-          base = base.drop_unused_hypers()
       except (ValueError, TypeError) as err:
         raise ValueError(f"--resume: {saved} is not a valid run config ({err})") from err
+      base = base.drop_unused(base.parse_compare(getattr(args, "compare", None)))
   values, source = dataclasses.asdict(base), "config"
   if hasattr(args, "config"):
     values.update(_read_config_file(args.config))

@@ -121,13 +121,15 @@ def test_compare_overlays_runs(tmp_path, small_data, monkeypatch, capsys):
 
 def test_resume_of_a_run_saved_with_an_unused_hyper_parameter(tmp_path, small_data,
                                                               monkeypatch, capsys):
-  """A run saved before an unused --rho became an error (adamw, ``rho: 0.1`` in its
-  config.json) still resumes: the value never had an effect on it."""
+  """A run saved before an unused --rho or --validation-fraction became an error (adamw,
+  ``rho: 0.1`` and, without a train file, ``validation_fraction: 0.2`` in its config.json)
+  still resumes: the values never had an effect on it."""
   monkeypatch.setattr(job, "load_data", lambda config: small_data)
   run_dir = tmp_path / "run"
   job.run(FinetuneConfig(**TINY, optimizer="adamw", run_dir=str(run_dir)), progress=False)
   saved = json.loads((run_dir / "config.json").read_text())
-  (run_dir / "config.json").write_text(json.dumps({**saved, "rho": 0.1}))
+  (run_dir / "config.json").write_text(json.dumps({**saved, "rho": 0.1,
+                                                   "validation_fraction": 0.2}))
   code = cli.main(["finetune", "--resume", "--run-dir", str(run_dir), "--no-progress"])
   assert code == 0, capsys.readouterr().err
 

@@ -626,6 +626,7 @@ def test_docs_lora_example_runs(tmp_path, monkeypatch):
   from mgpo_jax import frozen, trainable
   block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "nnx.Optimizer" in b)
   exec(compile(block, "docs/lora.md", "exec"), ns)  # noqa: S102
+
   def values(which):  # copies: the states' leaves are the model's own Variables
     return [np.array(x) for x in jax.tree.leaves(nnx.state(model, which))]
   base, adapters = values(frozen), values(trainable)

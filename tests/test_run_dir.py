@@ -197,6 +197,10 @@ def test_resume_refuses_changed_data(tmp_path, data):
   assert _run(config, data, resume=True) == finished
   (tmp_path / "r" / "data.json").unlink()  # as saved by mgpo-jax before data.json
   assert _run(config, data, resume=True) == finished
+  prompts = {"prompts": ["2 + 2 ="], "responses": ["4"]}  # a causal LM's --eval-generate set
+  assert (job._data_fingerprint({**data, "generation": prompts})["generation"]
+          != job._data_fingerprint({**data, "generation": {**prompts, "responses": ["5"]}})[
+              "generation"])
 
 
 def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, data, capsys):
@@ -223,7 +227,7 @@ def test_a_run_directory_in_use_is_refused(tmp_path, data):
     held.acquire()  # flock: a second open of the folder, even in this process, is refused
     for flags in ({}, {"resume": True}, {"overwrite": True}):
       with pytest.raises(job.UserError, match=f"--run-dir {tmp_path / 'r'} is in use by "
-                                               "another mgpo-jax process"):
+                                               "another mgpo-jax job"):
         _run(config, data, **flags)
     with pytest.raises(job.UserError, match="is in use"):
       job.run_compare(config, ("adamw", "mgpo"), overwrite=True, **kwargs)
@@ -233,6 +237,23 @@ def test_a_run_directory_in_use_is_refused(tmp_path, data):
     with pytest.raises(job.UserError, match="is in use"):
       _run(config.replace(run_dir=str(tmp_path / "new")), data)
   assert not any((tmp_path / "new").iterdir())
+  # A job's new folder that another job fills while the first loads: checked again once locked.
+  def fills_the_folder_first(cfg):
+    _run(cfg.replace(seed=7), data)
+    return _common.tiny_base_model(cfg)
+  with pytest.raises(job.UserError, match="is not empty"):
+    job.run(config.replace(run_dir=str(tmp_path / "raced")), progress=False, data=data,
+            base_model=fills_the_folder_first)
+  assert json.loads((tmp_path / "raced" / "config.json").read_text())["seed"] == 7
+  # A comparison's --overwrite deletes no sub-run while another job holds it.
+  job.run_compare(config.replace(run_dir=str(tmp_path / "cmp")), ("adamw", "mgpo"), **kwargs)
+  before_cmp = _tree(tmp_path / "cmp")
+  with run_dir.Lock(tmp_path / "cmp" / "mgpo") as held:
+    held.acquire()
+    with pytest.raises(job.UserError, match="cmp/mgpo is in use"):
+      job.run_compare(config.replace(run_dir=str(tmp_path / "cmp")), ("adamw", "mgpo"),
+                      overwrite=True, **kwargs)
+  assert _tree(tmp_path / "cmp") == before_cmp
   holder = subprocess.Popen(  # holds the lock until killed
       [sys.executable, "-c", "import pathlib, sys, time\n"
        "from mgpo_jax.finetune.run_dir import Lock\n"

@@ -160,8 +160,8 @@ class FinetuneConfig:
       lora_init = METHODS[name].lora_init
       if lora_init and self.init_lora_weights not in ("default", lora_init):
         raise ValueError(f"{where} {name} uses the {lora_init} init; --init-lora-weights "
-                         f"{self.init_lora_weights} conflicts with it (drop it, or use "
-                         "--optimizer adamw with --init and --precondition)")
+                         f"{self.init_lora_weights} conflicts with it (drop it, or run adamw "
+                         "with --init and --precondition instead)")
     if not 0 <= self.seed <= _MAX_SEED:  # the types are checked above
       raise ValueError(f"--seed must be an integer in [0, {_MAX_SEED}]; got {self.seed!r}")
     for name in ("rho", "sigma", "beta"):
@@ -259,11 +259,19 @@ class FinetuneConfig:
   def replace(self, **changes: Any) -> FinetuneConfig:
     return dataclasses.replace(self, **changes)
 
-  def drop_unused_hypers(self) -> FinetuneConfig:
-    """The config with the method hyper-parameters that ``optimizer`` does not take unset
-    (they have no effect on its run; a run saved before they became an error may hold one)."""
-    takes = METHODS[self.optimizer].hyper if self.optimizer in METHODS else {}
-    return self.replace(**{k: None for k in method_hypers() if k not in takes})
+  def drop_unused(self, methods: tuple[str, ...] = ()) -> FinetuneConfig:
+    """The config with the settings that have no effect on its run set back (a run saved
+    before they became errors may hold one): the method hyper-parameters that none of
+    ``methods`` (default: ``optimizer``) takes, unset; ``validation_fraction`` with no
+    ``train_file`` to split, and ``eval_generate`` without a ``prompt_column``, to their
+    defaults."""
+    takes = {k for m in methods or (self.optimizer,) if m in METHODS for k in METHODS[m].hyper}
+    unused: dict[str, Any] = {k: None for k in method_hypers() if k not in takes}
+    if not self.train_file or self.validation_file:
+      unused["validation_fraction"] = _default("validation_fraction")
+    if not self.prompt_column:
+      unused["eval_generate"] = _default("eval_generate")
+    return self.replace(**unused)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

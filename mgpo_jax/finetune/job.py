@@ -290,7 +290,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
     with run_dir_lib.Lock(run_dir) as lock:  # held to the end: no other process shares it
-      if run_dir.is_dir():
+      locked_early = run_dir.is_dir()
+      if locked_early:
         lock.acquire()  # before the checks, so that what they read stays as they read it
       if resume and run_dir_lib.is_unstarted(run_dir, "run"):
         # Killed before its config was saved: nothing to continue; replace the partial start.
@@ -318,16 +319,18 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
                         jnp.dtype(config.compute_dtype),
                         perturbation=build_perturbation(config))
       state = trainer.init(config.seed)
-      lock.acquire()  # makes the folder of a new run
+      if not locked_early:  # a new folder, made and locked only now: checked again, in case
+        lock.acquire()      # another job wrote there meanwhile
+        _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
       if resume:
         run_dir_lib.remove_drafts(run_dir)
       else:  # only now, when the inputs have proved good, is anything written or removed
         if not run_dir_lib.is_empty(run_dir):
           run_dir_lib.clear(run_dir, "run")
         run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
-        run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())
-        run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
         run_dir_lib.write_atomic(run_dir / "data.json", json.dumps(_data_fingerprint(data)))
+        run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
+        run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())  # marks it started
       state, val = train(config, trainer, state, data, run_dir, progress=progress)
       return export(config, trainer, state, model, lora, data, run_dir, val,
                     base_model_name_or_path=None if base_model else model_path(config))
@@ -346,27 +349,14 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
   with run_dir_lib.Lock(root) as lock:  # held to the end, as in run()
     try:
       config.validate(tuple(optimizers))
-      run_dir_lib.check_usable(root)
-      if root.is_dir():
+      locked_early = root.is_dir()
+      if locked_early:
         lock.acquire()  # before the checks, as in run()
-      if resume:
-        manifest = run_dir_lib.read_manifest(root, "compare")
-        saved = sorted(k for k, v in manifest["entries"].items() if v == run_dir_lib.SUB_RUN)
-        if saved != sorted(optimizers):
-          raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
-                           f"comparison ({','.join(saved)})")
-        if (root / "config.json").exists():  # every sub-run's flags, checked before any runs
-          changed = config.differences(FinetuneConfig.from_json((root / "config.json").read_text()))
-          if changed:
-            raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
-                             f"{'; '.join(changed)}. Drop them to continue it as it was started")
-      elif not run_dir_lib.is_empty(root):
-        if not overwrite:
-          raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
-                           "--overwrite to replace it")
-        run_dir_lib.check_replaceable(root, "compare")
+      _check_compare_dir(root, config, optimizers, resume=resume, overwrite=overwrite)
       data = data or load_data(config)
-      lock.acquire()
+      if not locked_early:  # made and locked only now: checked again, as in run()
+        lock.acquire()
+        _check_compare_dir(root, config, optimizers, resume=resume, overwrite=overwrite)
       if not resume:
         if not run_dir_lib.is_empty(root):
           run_dir_lib.clear(root, "compare")
@@ -378,7 +368,7 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
       raise UserError(" ".join(str(err).split())) from err
     summaries = {}
     for name in optimizers:  # each method keeps the hyper-parameters that are its own
-      sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused_hypers()
+      sub = config.replace(optimizer=name, run_dir=str(root / name)).drop_unused()
       summaries[name] = run(sub, resume=resume and (root / name).exists(),
                             progress=progress, data=data, base_model=base_model)
     metrics = {name: read_metrics(root / name / "metrics.jsonl") for name in optimizers}
@@ -387,6 +377,30 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
     run_dir_lib.write_atomic(root / "summary.json", json.dumps(summaries, indent=2))
     print(summary_table(summaries))
     return summaries
+
+
+def _check_compare_dir(root: pathlib.Path, config: FinetuneConfig, optimizers: Sequence[str],
+                       *, resume: bool, overwrite: bool) -> None:
+  """:func:`_check_run_dir` for the root of a comparison: on resume, the same methods and
+  flags as saved (every sub-run's, before any continues)."""
+  run_dir_lib.check_usable(root)
+  if resume:
+    manifest = run_dir_lib.read_manifest(root, "compare")
+    saved = sorted(k for k, v in manifest["entries"].items() if v == run_dir_lib.SUB_RUN)
+    if saved != sorted(optimizers):
+      raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
+                       f"comparison ({','.join(saved)})")
+    if (root / "config.json").exists():
+      saved_config = FinetuneConfig.from_json((root / "config.json").read_text())
+      changed = config.differences(saved_config.drop_unused(tuple(optimizers)))
+      if changed:
+        raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
+                         f"{'; '.join(changed)}. Drop them to continue it as it was started")
+  elif not run_dir_lib.is_empty(root):
+    if not overwrite:
+      raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
+                       "--overwrite to replace it")
+    run_dir_lib.check_replaceable(root, "compare")
 
 
 def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
@@ -404,7 +418,7 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
       saved = FinetuneConfig.from_json(config_file.read_text())
     except (ValueError, TypeError) as err:
       raise ValueError(f"--resume: {config_file} is not a valid run config ({err})") from err
-    changed = config.differences(saved.drop_unused_hypers())
+    changed = config.differences(saved.drop_unused())
     if changed:
       raise ValueError(f"--resume: these flags differ from the saved run's config: "
                        f"{'; '.join(changed)}. Drop them to continue the run as it was "
@@ -418,7 +432,8 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
 
 def _data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:
   """What a resume checks the data against: the SHA-256 of each tokenised split (every
-  array's name, dtype, shape and bytes) and the label names."""
+  array's name, dtype, shape and bytes), of the generation prompts and answers (causal LM),
+  and the label names."""
   out: dict[str, Any] = {"label_names": label_names(data)}
   for split in ("train", "validation", "test"):
     if split in data:
@@ -428,6 +443,9 @@ def _data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:
         digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
         digest.update(array.tobytes())
       out[split] = digest.hexdigest()
+  if "generation" in data:  # the prompts and answers that --eval-generate scores, as text
+    text = json.dumps(data["generation"], sort_keys=True, default=list)
+    out["generation"] = hashlib.sha256(text.encode()).hexdigest()
   return out
 
 
@@ -438,7 +456,7 @@ def _check_same_data(run_dir: pathlib.Path, data: dict[str, Any]) -> None:
   if not file.exists():
     return
   saved, now = json.loads(file.read_text()), json.loads(json.dumps(_data_fingerprint(data)))
-  changed = [k for k in ("train", "validation", "test", "label_names")
+  changed = [k for k in ("train", "validation", "test", "generation", "label_names")
              if saved.get(k) != now.get(k)]
   if changed:
     raise ValueError(

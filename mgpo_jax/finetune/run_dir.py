@@ -10,13 +10,15 @@ match, and only when every entry in the directory matches; a directory without a
 with anything the manifest does not name, is refused with an error that lists the unknown
 entries. The directory itself is kept.
 
-While a process uses a run directory it holds an exclusive lock on it (:class:`Lock`), so a
-second process given the same ``--run-dir`` stops with an error instead of interleaving its
-files with the first's.
+While a job uses a run directory it holds an exclusive lock on it (:class:`Lock`), so a
+second job given the same ``--run-dir`` stops with an error instead of interleaving its files
+with the first's. The lock guards against other mgpo-jax jobs, not against the folder being
+deleted or moved by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -86,8 +88,9 @@ class Lock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       os.close(fd)
-      raise RunDirError(f"--run-dir {self.path} is in use by another mgpo-jax process; wait "
-                        "for it to end or choose another --run-dir") from None
+      raise RunDirError(f"--run-dir {self.path} is in use by another mgpo-jax job (in this "
+                        "process or another); wait for it to end or choose another --run-dir"
+                        ) from None
     except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): unguarded, as without fcntl
       pass
     self._fd = fd
@@ -215,18 +218,22 @@ def clear(path: pathlib.Path, kind: str) -> None:
       child.unlink()
     return
   entries = read_manifest(path, kind)["entries"]
-  # What marks a finished run goes first, so an interrupted clear never looks like one.
-  order = {name: i for i, name in enumerate(_FINISHED)}
-  for child in sorted(path.iterdir(), key=lambda c: (order.get(c.name, len(order)), c.name)):
-    if child.name == MANIFEST:
-      continue
-    if entries.get(child.name) == SUB_RUN and child.is_dir():
-      clear(child, "run")
-      child.rmdir()
-    elif child.is_dir():
-      shutil.rmtree(child)
-    else:
-      child.unlink()
+  sub_runs = [c for c in path.iterdir() if entries.get(c.name) == SUB_RUN and c.is_dir()]
+  with contextlib.ExitStack() as held:
+    for child in sub_runs:  # all locked before anything goes: none is in use by another job
+      held.enter_context(Lock(child)).acquire()
+    # What marks a finished run goes first, so an interrupted clear never looks like one.
+    order = {name: i for i, name in enumerate(_FINISHED)}
+    for child in sorted(path.iterdir(), key=lambda c: (order.get(c.name, len(order)), c.name)):
+      if child.name == MANIFEST:
+        continue
+      if child in sub_runs:
+        clear(child, "run")
+        child.rmdir()
+      elif child.is_dir():
+        shutil.rmtree(child)
+      else:
+        child.unlink()
   (path / MANIFEST).unlink()
 
 
