@@ -289,7 +289,7 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
   try:
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
-    with run_dir_lib.Lock(run_dir) as lock:  # held to the end: no other process shares it
+    with run_dir_lib.Lock(run_dir) as lock:  # held to the end: no other job shares it
       locked_early = run_dir.is_dir()
       if locked_early:
         lock.acquire()  # before the checks, so that what they read stays as they read it
@@ -396,11 +396,8 @@ def _check_compare_dir(root: pathlib.Path, config: FinetuneConfig, optimizers: S
       if changed:
         raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
                          f"{'; '.join(changed)}. Drop them to continue it as it was started")
-  elif not run_dir_lib.is_empty(root):
-    if not overwrite:
-      raise ValueError(f"--run-dir {root} is not empty; pass --resume to continue it or "
-                       "--overwrite to replace it")
-    run_dir_lib.check_replaceable(root, "compare")
+  else:
+    run_dir_lib.check_startable(root, "compare", overwrite=overwrite)
 
 
 def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: bool,
@@ -423,11 +420,8 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
       raise ValueError(f"--resume: these flags differ from the saved run's config: "
                        f"{'; '.join(changed)}. Drop them to continue the run as it was "
                        "started, or start a new run")
-  elif not run_dir_lib.is_empty(run_dir):
-    if not overwrite:
-      raise ValueError(f"--run-dir {run_dir} is not empty; pass --resume to continue it or "
-                       "--overwrite to replace it")
-    run_dir_lib.check_replaceable(run_dir, "run")
+  else:
+    run_dir_lib.check_startable(run_dir, "run", overwrite=overwrite)
 
 
 def _data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:

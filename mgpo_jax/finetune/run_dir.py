@@ -206,6 +206,17 @@ def check_replaceable(path: pathlib.Path, kind: str) -> None:
                       f"({shown}); not deleting anything")
 
 
+def check_startable(path: pathlib.Path, kind: str, *, overwrite: bool) -> None:
+  """Raises unless a new ``kind`` may start in ``path``: empty, or, with ``overwrite``,
+  holding only what mgpo-jax wrote (:func:`check_replaceable`)."""
+  if is_empty(path):
+    return
+  if not overwrite:
+    raise RunDirError(f"--run-dir {path} is not empty; pass --resume to continue it or "
+                      "--overwrite to replace it")
+  check_replaceable(path, kind)
+
+
 def clear(path: pathlib.Path, kind: str) -> None:
   """Removes what the manifest of ``path`` names, then the manifest; keeps the folder.
 
