@@ -290,8 +290,7 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
     config.validate()
     run_dir = pathlib.Path(config.run_dir)
     with run_dir_lib.Lock(run_dir) as lock:  # held to the end: no other job shares it
-      locked_early = run_dir.is_dir()
-      if locked_early:
+      if run_dir.is_dir():
         lock.acquire()  # before the checks, so that what they read stays as they read it
       if resume and run_dir_lib.is_unstarted(run_dir, "run"):
         # Killed before its config was saved: nothing to continue; replace the partial start.
@@ -319,9 +318,8 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
                         jnp.dtype(config.compute_dtype),
                         perturbation=build_perturbation(config))
       state = trainer.init(config.seed)
-      if not locked_early:  # a new folder, made and locked only now: checked again, in case
-        lock.acquire()      # another job wrote there meanwhile
-        _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+      if lock.acquire():  # a new folder, made and locked only now: checked again (another
+        _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)  # job may be there)
       if resume:
         run_dir_lib.remove_drafts(run_dir)
       else:  # only now, when the inputs have proved good, is anything written or removed
@@ -349,13 +347,11 @@ def run_compare(config: FinetuneConfig, optimizers: Sequence[str], *, resume: bo
   with run_dir_lib.Lock(root) as lock:  # held to the end, as in run()
     try:
       config.validate(tuple(optimizers))
-      locked_early = root.is_dir()
-      if locked_early:
+      if root.is_dir():
         lock.acquire()  # before the checks, as in run()
       _check_compare_dir(root, config, optimizers, resume=resume, overwrite=overwrite)
       data = data or load_data(config)
-      if not locked_early:  # made and locked only now: checked again, as in run()
-        lock.acquire()
+      if lock.acquire():  # made and locked only now: checked again, as in run()
         _check_compare_dir(root, config, optimizers, resume=resume, overwrite=overwrite)
       if not resume:
         if not run_dir_lib.is_empty(root):

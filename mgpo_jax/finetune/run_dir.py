@@ -78,10 +78,11 @@ class Lock:
     self.path = path
     self._fd: int | None = None
 
-  def acquire(self) -> None:
-    """Makes ``path`` if missing and locks it; does nothing when already held."""
+  def acquire(self) -> bool:
+    """Makes ``path`` if missing and locks it; whether this call took the lock (``False``
+    when it was already held, or on a system without ``fcntl``)."""
     if self._fd is not None or fcntl is None:
-      return
+      return False
     self.path.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDONLY)
     try:
@@ -94,6 +95,7 @@ class Lock:
     except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): unguarded, as without fcntl
       pass
     self._fd = fd
+    return True
 
   def __enter__(self) -> Lock:
     return self
