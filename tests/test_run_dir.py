@@ -358,8 +358,19 @@ def test_config_file_with_flags_overriding(tmp_path):
   assert config.target_modules == ("query", "attention.output.dense")
   (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
   args = cli._parser().parse_args(["finetune", "--config", str(tmp_path / "bad.json")])
-  with pytest.raises(ValueError, match="unknown field.*rnak"):
+  with pytest.raises(ValueError, match=r"unknown field\(s\) rnak \(did you mean rank\?\)"):
     cli._config(args)
+
+
+def test_config_file_with_peft_names_says_which_field_they_mean(tmp_path):
+  """PEFT's ``r`` / ``lora_alpha`` and HF's ``learning_rate`` are refused, naming ours."""
+  (tmp_path / "peft.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "learning_rate": 1e-3,
+                                                  "zzz": 1}))
+  args = cli._parser().parse_args(["finetune", "--config", str(tmp_path / "peft.json")])
+  with pytest.raises(ValueError) as err:
+    cli._config(args)
+  assert ("unknown field(s) learning_rate (did you mean lr?), lora_alpha (did you mean alpha?), "
+          "r (did you mean rank?), zzz; known: accum_steps") in str(err.value)
 
 
 def test_config_file_values_json_gives_are_accepted(tmp_path):

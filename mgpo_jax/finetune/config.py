@@ -8,6 +8,7 @@ command line's flags are generated from the fields.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -282,7 +283,7 @@ class FinetuneConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}; "
+      raise ValueError(f"{source}: unknown field(s) {', '.join(map(_suggest, unknown))}; "
                        f"known: {', '.join(sorted(known))}")
     values = dict(values)
     if "target_modules" in values:
@@ -292,6 +293,22 @@ class FinetuneConfig:
   @classmethod
   def from_json(cls, text: str) -> FinetuneConfig:
     return cls.from_dict(json.loads(text))
+
+
+# The names PEFT's LoraConfig and HF's TrainingArguments give fields this config names otherwise.
+_HF_NAMES = {"r": "rank", "lora_alpha": "alpha", "learning_rate": "lr", "max_steps": "steps",
+             "warmup_ratio": "warmup_fraction", "output_dir": "run_dir",
+             "per_device_train_batch_size": "batch_size",
+             "gradient_accumulation_steps": "accum_steps", "model_name_or_path": "model",
+             "max_seq_length": "seq_len"}
+
+
+def _suggest(name: str) -> str:
+  """``name`` with the field it probably means: PEFT's ``r`` -> ``rank``, a typo -> the
+  closest field name."""
+  fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+  guess = _HF_NAMES.get(name) or next(iter(difflib.get_close_matches(name, fields, 1)), None)
+  return f"{name} (did you mean {guess}?)" if guess else name
 
 
 def method_hypers() -> tuple[str, ...]:
