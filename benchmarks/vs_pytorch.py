@@ -56,7 +56,17 @@ DIAGNOSTICS = {
     "nnx-dropout": "flax's nnx.Dropout (a 32-bit uniform per element) instead of "
                    "mgpo_jax.Dropout (16-bit: the same model, other masks)",
     "no-dropout": "every dropout rate 0 (NOT the same step)",
+    "rbg-keys": "keys of JAX's 'rbg' implementation (jax_default_prng_impl='rbg'): the dropout "
+                "words from XLA's RngBitGenerator instead of threefry (the same model; other "
+                "masks and initial adapters, which depend on the backend)",
 }
+
+
+def _keys(variant: str | None):
+  """The PRNG implementation ``variant`` builds, initialises and steps with."""
+  import jax
+
+  return jax.default_prng_impl("rbg") if variant == "rbg-keys" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -145,10 +155,10 @@ def _jax_step(model_dir: str, batch_size: int, seq_len: int, batch, variant: str
   config = FinetuneConfig(model=model_dir, optimizer="adamw", rank=8, alpha=16.0,
                           target_modules=("query", "value"), lr=1e-3, weight_decay=0.0,
                           batch_size=batch_size, seq_len=seq_len, steps=1000, pooling="cls")
-  with _patched(variant):
+  with _patched(variant), _keys(variant):
     model, _ = finetune.build_model(config)
-  trainer = Trainer(model, finetune.build_optimizer(config))
-  state = trainer.init(0)
+    trainer = Trainer(model, finetune.build_optimizer(config))
+    state = trainer.init(0)
   batch = trainer.shard_batch(batch)
   return trainer, state, batch
 
@@ -189,9 +199,10 @@ def _setting(args, model_dir: str, batch_size: int, seq_len: int, vocab: int) ->
   def run_jax(name, n):
     trainer, _, jbatch = contenders[name]
     state = states[name]
-    for _ in range(n):
-      state, m = trainer.train_step(state, jbatch)
-    jax.block_until_ready((state, m))
+    with _keys(name[4:-1] if name.startswith("jax[") else None):
+      for _ in range(n):
+        state, m = trainer.train_step(state, jbatch)
+      jax.block_until_ready((state, m))
     states[name] = state
 
   def run_torch(n):

@@ -522,6 +522,10 @@ def test_vs_pytorch_diagnostics_build_the_model_they_name(tmp_path):
   assert [(type(n), n.rate) for n in dropouts("no-dropout")] == [(Dropout, 0.0)] * len(ours)
   assert [n.rate for n in dropouts("gelu-tanh")] == [n.rate for n in ours]
   assert all(type(n) is Dropout for n in dropouts(None))  # the patches are undone
+  batch = {"input_ids": np.ones((2, 8), np.int32)}
+  _, state, _ = vs_pytorch._jax_step(config.model, 2, 8, batch, "rbg-keys")
+  assert state.rng.shape == (4,)  # rbg's key data (threefry's has 2 words): its masks too
+  assert vs_pytorch._jax_step(config.model, 2, 8, batch)[1].rng.shape == (2,)
 
 
 @pytest.mark.slow  # about 30 s on 2 shared cores: one quick run plus timings

@@ -239,6 +239,30 @@ def test_dropout_rng_is_deterministic_per_step_and_resumable():
   assert loss(state) != pytest.approx(eval_loss, rel=1e-4)
 
 
+def test_rbg_keys_draw_the_masks_and_resume_exactly(tmp_path):
+  """Under ``jax.default_prng_impl("rbg")`` (dropout words from XLA's RngBitGenerator, as
+  docs/training.md says) the state carries rbg keys, the masks are other than
+  threefry's, and a run resumed from a checkpoint repeats the uninterrupted one bit for bit."""
+  from mgpo_jax.train.checkpoint import Checkpointer
+
+  model = Tiny(dropout=0.5)
+  _, m_fry = _run(Trainer(model, TXS["adamw"]()), BATCHES[:1])
+  with jax.default_prng_impl("rbg"):
+    trainer = Trainer(model, TXS["adamw"]())
+    full, m_full = _run(trainer, BATCHES)
+    assert full.rng.shape == (4,)  # rbg's key data; threefry's has 2 words
+    half, m_first = _run(trainer, BATCHES[:1])
+    assert float(m_first["loss"]) != float(m_fry["loss"])  # same params, other masks
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+      assert ckpt.save(1, half)
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+      half, _ = ckpt.restore(Trainer(model, TXS["adamw"]()).abstract_state())
+    for batch in BATCHES[1:]:
+      half, m_res = trainer.train_step(half, batch)
+  chex.assert_trees_all_equal(jax.device_get(half), jax.device_get(full))
+  chex.assert_trees_all_equal(m_res, m_full)
+
+
 # -- eval ----------------------------------------------------------------------------------
 
 
