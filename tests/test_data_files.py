@@ -2,6 +2,7 @@
 label map, `mgpo-jax predict`, and one-line errors that write nothing."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pytest
 from mgpo_jax import cli
 from mgpo_jax.data import load_rotten_tomatoes, minilm_path
 from mgpo_jax.data_files import load_classification_files
-from mgpo_jax.finetune import predict
+from mgpo_jax.finetune import fingerprint, predict
 
 FAST = ["--steps", "4", "--eval-every", "4", "--save-every", "4", "--batch-size", "8",
         "--seq-len", "24", "--rank", "2", "--lr", "3e-3", "--no-progress"]
@@ -97,6 +98,42 @@ def test_finetune_on_files_then_predict(tmp_path, files, capsys):
   with pytest.raises(ValueError, match=r"classifies single texts \(its text column 'review'\), "
                                        r"but 1 input\(s\) are pairs"):
     predict.predict(run, ["fine", ("a pair", "of texts")])  # not silently one text
+
+
+def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys):
+  """The adapters belong to the weights they were trained on: once the --model folder's
+  weights change, --resume and predict refuse it (one line, nothing written); the same bytes
+  again (a restored or copied folder) are accepted."""
+  import safetensors.numpy
+
+  model = tmp_path / "m"
+  shutil.copytree(minilm_path(), model, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
+  run = tmp_path / "run"
+  args = ["--train-file", str(files / "train.csv"), "--text-column", "review",
+          "--label-column", "sentiment", "--model", str(model), "--run-dir", str(run), *FAST]
+  assert cli.main(["finetune", *args]) == 0, capsys.readouterr().err
+  capsys.readouterr()
+  assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 0
+  before = capsys.readouterr().out
+
+  original = (model / "model.safetensors").read_bytes()
+  tensors = safetensors.numpy.load(original)
+  name = next(k for k in tensors if k.endswith("attention.self.query.weight"))
+  tensors[name] = tensors[name] + np.float32(1e-3)  # a fine-tuned base: same shapes
+  safetensors.numpy.save_file(tensors, model / "model.safetensors")
+  saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 2
+  _one_line(capsys, f"--run-dir {run}: the base model differs from the one the run trained on")
+  assert cli.main(["finetune", *args, "--resume"]) == 2
+  _one_line(capsys, "--resume: the base model differs")
+  assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
+
+  (model / "model.safetensors").write_bytes(original)  # the same bytes, a new mtime
+  assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 0
+  assert capsys.readouterr().out == before
+  copy = shutil.copytree(model, tmp_path / "elsewhere")
+  assert fingerprint.model_fingerprint(copy) == json.loads((run / "data.json").read_text())[
+      "model"]
 
 
 def _one_line(capsys, *needles):

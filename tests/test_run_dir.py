@@ -15,6 +15,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the r
 from benchmarks import _common  # noqa: E402
 from mgpo_jax import cli  # noqa: E402
 from mgpo_jax.finetune import job, run_dir  # noqa: E402
+from mgpo_jax.finetune.fingerprint import fingerprint  # noqa: E402
 from mgpo_jax.train.checkpoint import Checkpointer  # noqa: E402
 from mgpo_jax.finetune.config import FinetuneConfig  # noqa: E402
 
@@ -198,9 +199,9 @@ def test_resume_refuses_changed_data(tmp_path, data):
   (tmp_path / "r" / "data.json").unlink()  # as saved by mgpo-jax before data.json
   assert _run(config, data, resume=True) == finished
   prompts = {"prompts": ["2 + 2 ="], "responses": ["4"]}  # a causal LM's --eval-generate set
-  assert (job._data_fingerprint({**data, "generation": prompts})["generation"]
-          != job._data_fingerprint({**data, "generation": {**prompts, "responses": ["5"]}})[
-              "generation"])
+  generation = [fingerprint({**data, "generation": g}, [0, 1], None)["generation"]
+                for g in (prompts, {**prompts, "responses": ["5"]})]
+  assert generation[0] != generation[1]
 
 
 def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, data, capsys):

@@ -17,7 +17,6 @@ call the same functions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import operator
@@ -37,6 +36,7 @@ from flax import nnx
 from mgpo_jax.data import (DataUnavailableError, batch_iterator, eval_batch_iterator,
                            load_rotten_tomatoes, minilm_path, tokenize)
 from mgpo_jax.data_files import load_classification_files, load_text_files
+from mgpo_jax.finetune import fingerprint
 from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.lora import LoraConfig, apply_lora, apply_lora_one, save_adapters
@@ -46,6 +46,7 @@ from mgpo_jax.generate import greedy_generate
 from mgpo_jax.lm_data import (decode_generated, encode_prompt_response, encode_prompts,
                               encode_texts, pad_token_id)
 from mgpo_jax.models import SUPPORTED, load_model, model_type
+from mgpo_jax.models._hf import weight_files
 from mgpo_jax.optim import precondition_lora
 from mgpo_jax.train import (Trainer, TrainState, causal_lm_loss, classification_loss,
                             clean_params, make_mesh)
@@ -97,7 +98,8 @@ def build_perturbation(config: FinetuneConfig) -> Any:
 
 def model_path(config: FinetuneConfig) -> str:
   """The local checkpoint folder of the base model: ``--model``, else the embedded MiniLM.
-  Checked without loading it: a local folder with a ``config.json`` (never a hub name)."""
+  Checked without loading it: a local folder (never a hub name) with a ``config.json`` of a
+  supported model type and weight files."""
   if config.model is None:
     return minilm_path()
   folder = pathlib.Path(config.model)
@@ -112,6 +114,10 @@ def model_path(config: FinetuneConfig) -> str:
     supported = "; ".join(f"{t} ({', '.join(tasks)})" for t, tasks in SUPPORTED.items())
     raise ValueError(f"--model {config.model}: model_type {kind!r} is not supported for "
                      f"--task {config.task}; supported: {supported}")
+  try:
+    weight_files(folder)
+  except FileNotFoundError as err:
+    raise ValueError(f"--model {config.model}: {err}") from err
   return str(folder)
 
 
@@ -299,15 +305,15 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
                 file=sys.stderr)
         resume, overwrite = False, True
       _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-      if base_model is None:
-        model_path(config)  # a bad --model fails before the data is read
+      folder = None if base_model else model_path(config)  # a bad --model fails first
       data = data or load_data(config)
+      labels = label_names(data)
+      inputs = fingerprint.fingerprint(data, labels, folder)
       if resume:
-        _check_same_data(run_dir, data)
+        fingerprint.check_resume(run_dir, inputs)
       if config.batch_size > len(data["train"]["labels"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(data['train']['labels'])} examples)")
-      labels = label_names(data)
       mesh = (make_mesh(axes=config.mesh) if config.mesh else
               make_mesh(config.devices) if config.devices > 1 else None)
       model, lora = build_model(config, base_model(config) if base_model else None, len(labels),
@@ -326,12 +332,12 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
         if not run_dir_lib.is_empty(run_dir):
           run_dir_lib.clear(run_dir, "run")
         run_dir_lib.create(run_dir, "run", run_dir_lib.RUN_ENTRIES)
-        run_dir_lib.write_atomic(run_dir / "data.json", json.dumps(_data_fingerprint(data)))
+        run_dir_lib.write_atomic(run_dir / fingerprint.FILE, json.dumps(inputs))
         run_dir_lib.write_atomic(run_dir / "labels.json", json.dumps(labels))
         run_dir_lib.write_atomic(run_dir / "config.json", config.to_json())  # marks it started
       state, val = train(config, trainer, state, data, run_dir, progress=progress)
       return export(config, trainer, state, model, lora, data, run_dir, val,
-                    base_model_name_or_path=None if base_model else model_path(config))
+                    base_model_name_or_path=folder)
   except (ValueError, CheckpointError, DataUnavailableError, FileNotFoundError) as err:
     raise UserError(" ".join(str(err).split())) from err
 
@@ -418,41 +424,6 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
                        "started, or start a new run")
   else:
     run_dir_lib.check_startable(run_dir, "run", overwrite=overwrite)
-
-
-def _data_fingerprint(data: dict[str, Any]) -> dict[str, Any]:
-  """What a resume checks the data against: the SHA-256 of each tokenised split (every
-  array's name, dtype, shape and bytes), of the generation prompts and answers (causal LM),
-  and the label names."""
-  out: dict[str, Any] = {"label_names": label_names(data)}
-  for split in ("train", "validation", "test"):
-    if split in data:
-      digest = hashlib.sha256()
-      for key in sorted(data[split]):
-        array = np.ascontiguousarray(data[split][key])
-        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(array.tobytes())
-      out[split] = digest.hexdigest()
-  if "generation" in data:  # the prompts and answers that --eval-generate scores, as text
-    text = json.dumps(data["generation"], sort_keys=True, default=list)
-    out["generation"] = hashlib.sha256(text.encode()).hexdigest()
-  return out
-
-
-def _check_same_data(run_dir: pathlib.Path, data: dict[str, Any]) -> None:
-  """Raises unless ``data`` is what the run in ``run_dir`` started with (runs saved before
-  mgpo-jax recorded ``data.json`` are not checked)."""
-  file = run_dir / "data.json"
-  if not file.exists():
-    return
-  saved, now = json.loads(file.read_text()), json.loads(json.dumps(_data_fingerprint(data)))
-  changed = [k for k in ("train", "validation", "test", "generation", "label_names")
-             if saved.get(k) != now.get(k)]
-  if changed:
-    raise ValueError(
-        f"--resume: the data differ from the saved run's ({', '.join(changed)}): a changed "
-        "data file, tokenizer or label set. Resume with the data the run started with, or "
-        "start a new run")
 
 
 def train(config: FinetuneConfig, trainer: Trainer, state: TrainState, data: dict,

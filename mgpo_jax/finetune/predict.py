@@ -1,6 +1,7 @@
 """``mgpo-jax predict``: apply a finished fine-tune run to new texts.
 
-The run's saved ``config.json`` and ``labels.json`` rebuild the base model; its exported
+The run's saved ``config.json`` and ``labels.json`` rebuild the base model (refused when its
+folder no longer holds the weights the run trained on, by ``data.json``); its exported
 PEFT adapters (the clean parameters) are loaded onto it, and each text gets its label and the
 probability of every label.
 """
@@ -19,6 +20,7 @@ from flax import nnx
 
 from mgpo_jax.data import eval_batch_iterator, tokenize
 from mgpo_jax.data_files import read_table
+from mgpo_jax.finetune import fingerprint
 from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.finetune.job import generate, load_base, model_path
 from mgpo_jax.lora import load_adapters
@@ -34,6 +36,7 @@ def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nn
                      f"{', '.join(missing)})")
   config = FinetuneConfig.from_json((run_dir / "config.json").read_text())
   labels = json.loads((run_dir / "labels.json").read_text())
+  fingerprint.check_model(run_dir, model_path(config))
   model = load_base(config, len(labels))
   load_adapters(run_dir / "adapters", model)
   model.eval()

@@ -86,6 +86,19 @@ def load_config(path: str | Path, model_types: Collection[str]) -> PretrainedCon
   return config
 
 
+def weight_files(path: str | Path) -> list[Path]:
+  """The files a checkpoint's weights are read from: ``model.safetensors``, or the index
+  ``model.safetensors.index.json`` and the shards it names."""
+  directory = local_dir(path)
+  if (directory / _SINGLE_FILE).is_file():
+    return [directory / _SINGLE_FILE]
+  if (directory / _INDEX_FILE).is_file():
+    weight_map = json.loads((directory / _INDEX_FILE).read_text())["weight_map"]
+    return [directory / _INDEX_FILE,
+            *(directory / name for name in sorted(set(weight_map.values())))]
+  raise FileNotFoundError(f"neither {_SINGLE_FILE} nor {_INDEX_FILE} in {str(directory)!r}")
+
+
 class SafetensorsCheckpoint:
   """Lazy, read-only view of a local checkpoint's safetensors file(s), single or sharded.
 
@@ -94,14 +107,7 @@ class SafetensorsCheckpoint:
   """
 
   def __init__(self, path: str | Path):
-    directory = local_dir(path)
-    if (directory / _SINGLE_FILE).is_file():
-      files = [directory / _SINGLE_FILE]
-    elif (directory / _INDEX_FILE).is_file():
-      weight_map = json.loads((directory / _INDEX_FILE).read_text())["weight_map"]
-      files = [directory / name for name in sorted(set(weight_map.values()))]
-    else:
-      raise FileNotFoundError(f"neither {_SINGLE_FILE} nor {_INDEX_FILE} in {str(directory)!r}")
+    files = [f for f in weight_files(path) if f.name != _INDEX_FILE]
     self._file_of: dict[str, Path] = {}
     self._shape_of: dict[str, tuple[int, ...]] = {}
     for file in files:
