@@ -372,6 +372,12 @@ def test_config_file_with_peft_names_says_which_field_they_mean(tmp_path):
     cli._config(args)
   assert ("unknown field(s) learning_rate (did you mean lr?), lora_alpha (did you mean alpha?), "
           "r (did you mean rank?), zzz; known: accum_steps") in str(err.value)
+  # HF's eval_steps is not --steps (the closest name), and an epoch count has no equivalent.
+  (tmp_path / "hf.json").write_text(json.dumps({"eval_steps": 50, "num_train_epochs": 1}))
+  args = cli._parser().parse_args(["finetune", "--config", str(tmp_path / "hf.json")])
+  with pytest.raises(ValueError, match=r"field\(s\) eval_steps \(did you mean eval_every\?\), "
+                                       r"num_train_epochs; known"):
+    cli._config(args)
 
 
 def test_config_file_values_json_gives_are_accepted(tmp_path):

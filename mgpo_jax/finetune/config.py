@@ -295,19 +295,27 @@ class FinetuneConfig:
     return cls.from_dict(json.loads(text))
 
 
-# The names PEFT's LoraConfig and HF's TrainingArguments give fields this config names otherwise.
+# PEFT's LoraConfig and HF's TrainingArguments names for fields this config names otherwise
+# (None: no equivalent here, so no guess: a look-alike field would mislead).
 _HF_NAMES = {"r": "rank", "lora_alpha": "alpha", "learning_rate": "lr", "max_steps": "steps",
-             "warmup_ratio": "warmup_fraction", "output_dir": "run_dir",
-             "per_device_train_batch_size": "batch_size",
+             "warmup_ratio": "warmup_fraction", "warmup_steps": "warmup_fraction",
+             "output_dir": "run_dir", "per_device_train_batch_size": "batch_size",
              "gradient_accumulation_steps": "accum_steps", "model_name_or_path": "model",
-             "max_seq_length": "seq_len"}
+             "max_seq_length": "seq_len", "eval_steps": "eval_every", "save_steps": "save_every",
+             "save_total_limit": "keep", "gradient_checkpointing": "remat",
+             "num_train_epochs": None, "lr_scheduler_type": None,
+             "per_device_eval_batch_size": None}
 
 
 def _suggest(name: str) -> str:
-  """``name`` with the field it probably means: PEFT's ``r`` -> ``rank``, a typo -> the
-  closest field name."""
-  fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
-  guess = _HF_NAMES.get(name) or next(iter(difflib.get_close_matches(name, fields, 1)), None)
+  """``name`` with the field it probably means: PEFT's ``r`` -> ``rank``, HF's
+  ``eval_steps`` -> ``eval_every``, a typo -> the closest field name."""
+  key = name.replace("-", "_")
+  if key in _HF_NAMES:
+    guess = _HF_NAMES[key]
+  else:
+    fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    guess = next(iter(difflib.get_close_matches(key, fields, 1)), None)
   return f"{name} (did you mean {guess}?)" if guess else name
 
 
