@@ -2,6 +2,7 @@
 label map, `mgpo-jax predict`, and one-line errors that write nothing."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -123,17 +124,60 @@ def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys)
   safetensors.numpy.save_file(tensors, model / "model.safetensors")
   saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
   assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 2
-  _one_line(capsys, f"--run-dir {run}: the base model differs from the one the run trained on")
+  _one_line(capsys, f"--run-dir {run}: its --model {model}: the base model differs from the "
+                    "one the run trained on")
   assert cli.main(["finetune", *args, "--resume"]) == 2
-  _one_line(capsys, "--resume: the base model differs")
+  _one_line(capsys, f"--resume: --model {model}: the base model differs")
   assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
+
+  recorded = json.loads((run / "data.json").read_text())
+  without_model = {k: v for k, v in recorded.items() if k != "model"}  # as runs saved before
+  (run / "data.json").write_text(json.dumps(without_model))
+  assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 0  # not checked
+  capsys.readouterr()
+  (run / "data.json").write_text(json.dumps(recorded))
 
   (model / "model.safetensors").write_bytes(original)  # the same bytes, a new mtime
   assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 0
   assert capsys.readouterr().out == before
   copy = shutil.copytree(model, tmp_path / "elsewhere")
-  assert fingerprint.model_fingerprint(copy) == json.loads((run / "data.json").read_text())[
-      "model"]
+  assert fingerprint.model_fingerprint(copy) == recorded["model"]
+
+
+def test_model_fingerprint_of_a_sharded_checkpoint(tmp_path):
+  """Every shard the index names is hashed (a changed one changes the fingerprint; a missing
+  one is a one-line --model error), and a rewrite is seen even with the old size and mtime."""
+  import safetensors.numpy
+
+  from mgpo_jax.finetune.config import FinetuneConfig
+  from mgpo_jax.finetune.job import model_path
+
+  folder = tmp_path / "sharded"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  rng = np.random.default_rng(0)
+  shards = {"model-1.safetensors": {"a": rng.normal(size=(3, 4)).astype(np.float32)},
+            "model-2.safetensors": {"b": rng.normal(size=(5,)).astype(np.float32)}}
+  for name, tensors in shards.items():
+    safetensors.numpy.save_file(tensors, folder / name)
+  (folder / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {k: name for name, tensors in shards.items() for k in tensors}}))
+  first = fingerprint.model_fingerprint(folder)
+
+  second = folder / "model-2.safetensors"
+  stat = second.stat()
+  safetensors.numpy.save_file({"b": shards["model-2.safetensors"]["b"] + 1}, second)
+  assert second.stat().st_size == stat.st_size
+  os.utime(second, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old mtime, new bytes
+  changed = fingerprint.model_fingerprint(folder)
+  assert changed != first
+  safetensors.numpy.save_file(shards["model-2.safetensors"], second)
+  assert fingerprint.model_fingerprint(folder) == first
+
+  second.unlink()
+  with pytest.raises(ValueError, match=r"--model .*sharded: .*names shards that are not "
+                                       r"there: model-2.safetensors"):
+    model_path(FinetuneConfig(model=str(folder)))
 
 
 def _one_line(capsys, *needles):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mgpo_jax.models._hf import weight_files
+from mgpo_jax.models import weight_files
 
 FILE = "data.json"
 _DATA_KEYS = ("train", "validation", "test", "generation", "label_names")
@@ -47,23 +47,31 @@ def fingerprint(data: dict[str, Any], labels: list[Any], model_dir: str | None) 
 def model_fingerprint(model_dir: str | pathlib.Path) -> str:
   """SHA-256 of a checkpoint folder's ``config.json`` and weight files (their names and bytes,
   not their folder: a copied checkpoint has the same fingerprint). Hashed once per process
-  while the files keep their size and modification time."""
+  while each file stays the same file (device, inode) with the same size and times."""
   files = [pathlib.Path(model_dir) / "config.json", *weight_files(model_dir)]
-  return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+  return _hash_files(tuple(_identity(f) for f in files))
+
+
+def _identity(file: pathlib.Path) -> tuple[str, int, int, int, int, int]:
+  """What :func:`_hash_files` is cached on: the path and what a write to the file changes
+  (``st_ctime_ns`` too, which cannot be set back by hand)."""
+  st = file.stat()
+  return (str(file.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+def _hash_files(files: tuple[tuple[str, int, int, int, int, int], ...]) -> str:
   digest = hashlib.sha256()
-  for path, size, _ in files:
+  for path, _, _, size, _, _ in files:
     with open(path, "rb") as f:
       digest.update(f"{pathlib.Path(path).name}:{size};".encode())
       digest.update(hashlib.file_digest(f, "sha256").digest())
   return digest.hexdigest()
 
 
-def check_resume(run_dir: pathlib.Path, now: dict[str, Any]) -> None:
-  """Raises unless ``now`` (:func:`fingerprint`) is what the run in ``run_dir`` started with."""
+def check_resume(run_dir: pathlib.Path, now: dict[str, Any], model_dir: str | None) -> None:
+  """Raises unless ``now`` (:func:`fingerprint` of the data and of the model in ``model_dir``)
+  is what the run in ``run_dir`` started with."""
   saved = _saved(run_dir)
   if saved is None:  # saved before mgpo-jax wrote data.json
     return
@@ -73,13 +81,16 @@ def check_resume(run_dir: pathlib.Path, now: dict[str, Any]) -> None:
         f"--resume: the data differ from the saved run's ({', '.join(changed)}): a changed "
         "data file, tokenizer or label set. Resume with the data the run started with, or "
         "start a new run")
-  _check_model(saved, now.get("model"), "--resume")
+  if "model" in saved and "model" in now and saved["model"] != now["model"]:
+    raise _model_changed(f"--resume: --model {model_dir}")
 
 
 def check_model(run_dir: pathlib.Path, model_dir: str) -> None:
   """Raises unless the base model in ``model_dir`` is the one the run in ``run_dir`` trained
-  its adapters on (for ``predict``)."""
-  _check_model(_saved(run_dir), model_fingerprint(model_dir), f"--run-dir {run_dir}")
+  its adapters on (for ``predict``; hashed only when the run recorded its model)."""
+  saved = _saved(run_dir)
+  if saved and "model" in saved and saved["model"] != model_fingerprint(model_dir):
+    raise _model_changed(f"--run-dir {run_dir}: its --model {model_dir}")
 
 
 def _saved(run_dir: pathlib.Path) -> dict[str, Any] | None:
@@ -87,9 +98,8 @@ def _saved(run_dir: pathlib.Path) -> dict[str, Any] | None:
   return json.loads(file.read_text()) if file.exists() else None
 
 
-def _check_model(saved: dict[str, Any] | None, now: str | None, what: str) -> None:
-  if saved and "model" in saved and now is not None and saved["model"] != now:
-    raise ValueError(
-        f"{what}: the base model differs from the one the run trained on: its folder's "
-        "config.json or weights changed since. Use the model the run started with (the "
-        "adapters belong to its weights), or start a new run")
+def _model_changed(what: str) -> ValueError:
+  return ValueError(
+      f"{what}: the base model differs from the one the run trained on: its folder's "
+      "config.json or weights changed since. Use the model the run started with (the "
+      "adapters belong to its weights), or start a new run")

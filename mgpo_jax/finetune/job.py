@@ -45,8 +45,7 @@ from mgpo_jax.answers import exact_match_rate
 from mgpo_jax.generate import greedy_generate
 from mgpo_jax.lm_data import (decode_generated, encode_prompt_response, encode_prompts,
                               encode_texts, pad_token_id)
-from mgpo_jax.models import SUPPORTED, load_model, model_type
-from mgpo_jax.models._hf import weight_files
+from mgpo_jax.models import SUPPORTED, load_model, model_type, weight_files
 from mgpo_jax.optim import precondition_lora
 from mgpo_jax.train import (Trainer, TrainState, causal_lm_loss, classification_loss,
                             clean_params, make_mesh)
@@ -116,7 +115,7 @@ def model_path(config: FinetuneConfig) -> str:
                      f"--task {config.task}; supported: {supported}")
   try:
     weight_files(folder)
-  except FileNotFoundError as err:
+  except (FileNotFoundError, ValueError) as err:
     raise ValueError(f"--model {config.model}: {err}") from err
   return str(folder)
 
@@ -305,15 +304,15 @@ def run(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
                 file=sys.stderr)
         resume, overwrite = False, True
       _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
-      folder = None if base_model else model_path(config)  # a bad --model fails first
+      folder = model_path(config) if base_model is None else None  # a bad --model fails first
       data = data or load_data(config)
-      labels = label_names(data)
-      inputs = fingerprint.fingerprint(data, labels, folder)
-      if resume:
-        fingerprint.check_resume(run_dir, inputs)
       if config.batch_size > len(data["train"]["labels"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(data['train']['labels'])} examples)")
+      labels = label_names(data)
+      inputs = fingerprint.fingerprint(data, labels, folder)
+      if resume:
+        fingerprint.check_resume(run_dir, inputs, folder)
       mesh = (make_mesh(axes=config.mesh) if config.mesh else
               make_mesh(config.devices) if config.devices > 1 else None)
       model, lora = build_model(config, base_model(config) if base_model else None, len(labels),

@@ -4,7 +4,7 @@ Module paths mirror the PyTorch modules' names, so LoRA targets and PEFT adapter
 names; ``from_pretrained`` reads a local HF checkpoint directory (never a hub).
 """
 
-from mgpo_jax.models._hf import CheckpointMismatchError
+from mgpo_jax.models._hf import CheckpointMismatchError, weight_files
 from mgpo_jax.models.auto import SUPPORTED, TASKS, load_model, model_type
 from mgpo_jax.models.bert import BertForSequenceClassification, BertModel
 from mgpo_jax.models.llama import KVCache, LlamaForCausalLM, LlamaForSequenceClassification
@@ -22,4 +22,5 @@ __all__ = [
   "load_model",
   "model_type",
   "set_remat",
+  "weight_files",
 ]

@@ -88,15 +88,28 @@ def load_config(path: str | Path, model_types: Collection[str]) -> PretrainedCon
 
 def weight_files(path: str | Path) -> list[Path]:
   """The files a checkpoint's weights are read from: ``model.safetensors``, or the index
-  ``model.safetensors.index.json`` and the shards it names."""
+  ``model.safetensors.index.json`` and the shards it names (each checked to exist).
+
+  Raises:
+    FileNotFoundError: no weights, or a shard the index names is missing.
+    ValueError: an index that is not JSON with a ``weight_map`` of file names.
+  """
   directory = local_dir(path)
   if (directory / _SINGLE_FILE).is_file():
     return [directory / _SINGLE_FILE]
-  if (directory / _INDEX_FILE).is_file():
-    weight_map = json.loads((directory / _INDEX_FILE).read_text())["weight_map"]
-    return [directory / _INDEX_FILE,
-            *(directory / name for name in sorted(set(weight_map.values())))]
-  raise FileNotFoundError(f"neither {_SINGLE_FILE} nor {_INDEX_FILE} in {str(directory)!r}")
+  index = directory / _INDEX_FILE
+  if not index.is_file():
+    raise FileNotFoundError(f"neither {_SINGLE_FILE} nor {_INDEX_FILE} in {str(directory)!r}")
+  try:
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  except (ValueError, KeyError, TypeError, AttributeError) as err:
+    raise ValueError(f"{str(index)!r} is not a safetensors index (JSON with a weight_map of "
+                     f"tensor name -> file): {err!r}") from err
+  missing = [name for name in shards if not (directory / name).is_file()]
+  if missing:
+    raise FileNotFoundError(f"{_INDEX_FILE} in {str(directory)!r} names shards that are not "
+                            f"there: {', '.join(missing[:3])}")
+  return [index, *(directory / name for name in shards)]
 
 
 class SafetensorsCheckpoint:

@@ -48,7 +48,8 @@ class TrainState(NamedTuple):
       in their own dtype (float32). With MGPO these are the shifted iterate ``θ + ε``; use
       :func:`clean_params` for evaluation and export.
     opt_state: the optimizer state (optax ``NamedTuple`` types).
-    rng: base PRNG key data (``uint32[2]``); step ``t`` draws dropout from
+    rng: base PRNG key data (``uint32[2]`` for threefry keys, JAX's default; ``uint32[4]``
+      under ``jax.default_prng_impl("rbg")``); step ``t`` draws dropout from
       ``fold_in(rng, t)``, so a resumed run repeats the uninterrupted run's masks.
     perturbation_state: the weight perturbation's state (``optax.EmptyState()`` without
       one), so checkpoints carry it.
