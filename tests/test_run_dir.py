@@ -204,6 +204,23 @@ def test_resume_refuses_changed_data(tmp_path, data):
   assert generation[0] != generation[1]
 
 
+def test_a_kill_while_the_folder_was_probed_leaves_a_run_that_resumes(tmp_path, data):
+  """check_usable's probe folder, left by a kill inside the run directory (before its manifest
+  or after), is mgpo-jax's scratch: --resume starts or continues the run and removes it."""
+  config = FinetuneConfig(**{**TINY, "steps": 3, "save_every": 3, "eval_every": 3},
+                          run_dir=str(tmp_path / "probed"))
+  (tmp_path / "probed" / ".mgpo-jax-probe-x1").mkdir(parents=True)  # killed before anything
+  finished = _run(config, data, resume=True)
+  assert not list((tmp_path / "probed").glob(".mgpo-jax-probe-*"))
+  (tmp_path / "probed" / ".mgpo-jax-probe-x2").mkdir()  # killed in a later probe
+  assert run_dir.is_unstarted(tmp_path / "probed", "run") is False
+  assert _run(config, data, resume=True) == finished
+  assert not list((tmp_path / "probed").glob(".mgpo-jax-probe-*"))
+  (tmp_path / "probed" / ".mgpo-jax-probe-x3").mkdir()
+  _run(config, data, overwrite=True)  # --overwrite accepts it too, and removes it
+  assert not list((tmp_path / "probed").glob(".mgpo-jax-probe-*"))
+
+
 def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, data, capsys):
   """A kill before the run folder was made leaves nothing to resume: the run starts there
   (as tests/test_fault_injection.py needs), and says so, in case --run-dir was mistyped."""

@@ -33,6 +33,7 @@ except ImportError:  # Windows: no advisory locks; run directories are then ungu
   fcntl = None
 
 MANIFEST = ".mgpo-jax-run.json"
+_PROBE = ".mgpo-jax-probe-"  # check_usable's scratch folder, left behind by a kill
 FORMAT = 1
 _LISTED = 4  # unknown entries named in an error
 SUB_RUN = "run"
@@ -120,7 +121,7 @@ def check_usable(path: pathlib.Path) -> None:
   if not ancestor.is_dir():
     raise RunDirError(f"--run-dir {path}: {ancestor} is not a directory")
   try:
-    tempfile.TemporaryDirectory(dir=ancestor, prefix=".mgpo-jax-probe-").cleanup()
+    tempfile.TemporaryDirectory(dir=ancestor, prefix=_PROBE).cleanup()
   except OSError as err:
     raise RunDirError(
         f"--run-dir {path}: cannot create files in {ancestor} ({err.strerror or err})") from err
@@ -172,14 +173,20 @@ def _shown(entry: pathlib.Path, parent: str = "") -> str:
   return parent + entry.name + ("/" if entry.is_dir() else "")
 
 
+def _is_scratch(entry: pathlib.Path) -> bool:
+  """A draft of the manifest, or a probe folder of :func:`check_usable`: what a job killed
+  at any moment may leave, with or without a manifest."""
+  return entry.name == MANIFEST + ".tmp" or entry.name.startswith(_PROBE)
+
+
 def _unnamed_entries(path: pathlib.Path, kind: str) -> list[str]:
   children = sorted(path.iterdir())
-  if all(child.name == MANIFEST + ".tmp" for child in children):
-    return []  # empty, or killed while the manifest was being written
+  if all(_is_scratch(child) for child in children):
+    return []  # empty, or killed while the manifest was being written or the folder probed
   entries = read_manifest(path, kind)["entries"]
   unknown = []
   for child in children:
-    if child.name in (MANIFEST, MANIFEST + ".tmp"):
+    if child.name == MANIFEST or _is_scratch(child):
       continue
     pattern = next((p for p in entries if fnmatch.fnmatchcase(child.name, p)), None)
     if pattern is None:
@@ -227,8 +234,8 @@ def clear(path: pathlib.Path, kind: str) -> None:
   """
   check_replaceable(path, kind)
   if not (path / MANIFEST).exists():
-    for child in path.iterdir():  # at most the draft of a manifest (_unnamed_entries)
-      child.unlink()
+    for child in path.iterdir():  # at most scratch entries (_unnamed_entries)
+      shutil.rmtree(child) if child.is_dir() else child.unlink()
     return
   entries = read_manifest(path, kind)["entries"]
   sub_runs = [c for c in path.iterdir() if entries.get(c.name) == SUB_RUN and c.is_dir()]
@@ -260,11 +267,13 @@ def is_unstarted(path: pathlib.Path, kind: str) -> bool:
 
 
 def remove_drafts(path: pathlib.Path) -> None:
-  """Removes the drafts (``*.tmp`` files, ``.adapters.tmp-*`` folders) that a killed process
-  left in the run directory ``path``; they are named by its manifest."""
+  """Removes the drafts (``*.tmp`` files, ``.adapters.tmp-*`` folders, named by its manifest,
+  and :func:`check_usable`'s probe folders) that a killed process left in the run directory
+  ``path``."""
   entries = read_manifest(path, "run")["entries"]
   for child in path.iterdir():
-    draft = any(fnmatch.fnmatchcase(child.name, p) for p in entries if "tmp" in p)
+    draft = _is_scratch(child) or any(fnmatch.fnmatchcase(child.name, p) for p in entries
+                                      if "tmp" in p)
     if draft and child.is_dir():
       shutil.rmtree(child)
     elif draft:
