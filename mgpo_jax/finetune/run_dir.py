@@ -235,7 +235,10 @@ def clear(path: pathlib.Path, kind: str) -> None:
   check_replaceable(path, kind)
   if not (path / MANIFEST).exists():
     for child in path.iterdir():  # at most scratch entries (_unnamed_entries)
-      shutil.rmtree(child) if child.is_dir() else child.unlink()
+      if child.is_dir():
+        shutil.rmtree(child)
+      else:
+        child.unlink()
     return
   entries = read_manifest(path, kind)["entries"]
   sub_runs = [c for c in path.iterdir() if entries.get(c.name) == SUB_RUN and c.is_dir()]
