@@ -160,7 +160,7 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
     writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
     writer.writerow(["text", "label"])
     writer.writerows(kept[i] for i in order)
-    tmp = files[split].with_suffix(".tmp")
+    tmp = files[split].with_suffix(f".{os.getpid()}.tmp")  # two study processes may race here
     tmp.write_text(buf.getvalue(), encoding="utf-8")
     os.replace(tmp, files[split])
     counts[split] = {label: int((labels[order] == label).sum()) for label in TWEETS_LABELS}
@@ -170,7 +170,9 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
               "labelled": len(labelled), "texts_with_two_labels_dropped": conflicting,
               "kept": len(kept), "dropped": len(rows) - len(kept),
               "split_seed": 0, "fractions": SPLIT_FRACTIONS, "counts": counts}
-  manifest_file.write_text(json.dumps(manifest, indent=1))
+  tmp = manifest_file.with_suffix(f".{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(manifest, indent=1))
+  os.replace(tmp, manifest_file)  # last: a reader sees a complete split or none
   print(f"tweets: {len(kept)} distinct texts of {len(rows)} rows kept; split written to "
         f"{folder}")
   return {k: str(v) for k, v in files.items()}
