@@ -83,12 +83,14 @@ def _parser() -> argparse.ArgumentParser:
 def _predict(args: argparse.Namespace) -> int:
   from mgpo_jax.data import DataUnavailableError
   from mgpo_jax.finetune import predict
+  from mgpo_jax.finetune import run_dir as run_dir_lib
 
   try:
     texts = args.text
     if args.input_file:
-      saved = pathlib.Path(args.run_dir) / "config.json"
-      run = FinetuneConfig.from_json(saved.read_text()) if saved.is_file() else FinetuneConfig()
+      run_dir = pathlib.Path(args.run_dir)
+      run = (FinetuneConfig.from_dict(run_dir_lib.read_json(run_dir, "config.json"))
+             if (run_dir / "config.json").is_file() else FinetuneConfig())
       text_column = run.prompt_column or run.text_column
       texts = predict.read_texts(args.input_file, text_column)
     lines = [json.dumps(r) for r in predict.predict(args.run_dir, texts)]

@@ -144,6 +144,43 @@ def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys)
   assert fingerprint.model_fingerprint(copy) == recorded["model"]
 
 
+def test_predict_refuses_a_changed_tokenizer_and_damaged_run_files(tmp_path, files, capsys):
+  """The tokens are part of what the adapters learned: a changed tokenizer file is refused by
+  predict and --resume (one line, nothing written), the restored one accepted; a damaged
+  data.json, labels.json or config.json is a one-line error that names the file."""
+  model = tmp_path / "m"
+  shutil.copytree(minilm_path(), model, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
+  run = tmp_path / "run"
+  args = ["--train-file", str(files / "train.csv"), "--text-column", "review",
+          "--label-column", "sentiment", "--model", str(model), "--run-dir", str(run), *FAST]
+  assert cli.main(["finetune", *args]) == 0, capsys.readouterr().err
+  capsys.readouterr()
+  predict_args = ["predict", "--run-dir", str(run), "--text", "Fine"]
+  assert cli.main(predict_args) == 0
+  before = capsys.readouterr().out
+
+  original = (model / "tokenizer_config.json").read_text()
+  changed = {**json.loads(original), "do_lower_case": False}  # "Fine" is now another token
+  (model / "tokenizer_config.json").write_text(json.dumps(changed))
+  saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  assert cli.main(predict_args) == 2
+  _one_line(capsys, f"--run-dir {run}: its --model {model}: the tokenizer differs from the one "
+                    "the run trained on: its folder's tokenizer files changed")
+  assert cli.main(["finetune", *args, "--resume"]) == 2
+  _one_line(capsys, "--resume:")
+  assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == saved
+  (model / "tokenizer_config.json").write_text(original)
+  assert cli.main(predict_args) == 0 and capsys.readouterr().out == before
+
+  for name in ("data.json", "labels.json", "config.json"):
+    good = (run / name).read_text()
+    (run / name).write_text(good[:len(good) // 2])  # cut short
+    assert cli.main(predict_args) == 2
+    _one_line(capsys, f"--run-dir {run}: {name} is not valid JSON (")
+    (run / name).write_text(good)
+  assert cli.main(predict_args) == 0 and capsys.readouterr().out == before
+
+
 def test_model_fingerprint_of_a_sharded_checkpoint(tmp_path):
   """Every shard the index names is hashed (a changed one changes the fingerprint; a missing
   one is a one-line --model error), and a rewrite is seen even with the old size and mtime."""

@@ -1,9 +1,10 @@
 """What a run reads, fingerprinted: ``data.json`` in the run directory.
 
 A run records, before its ``config.json``, the SHA-256 of each tokenised split, of the
-``--eval-generate`` prompts and answers, the label names, and of its base model (the folder's
-``config.json`` and weight files). ``--resume`` refuses other data or another base model, and
-``predict`` another base model: the adapters belong to the weights they were trained on.
+``--eval-generate`` prompts and answers, the label names, of its base model (the folder's
+``config.json`` and weight files) and of its tokenizer (the folder's tokenizer files).
+``--resume`` refuses other data or another base model or tokenizer, and ``predict`` another
+base model or tokenizer: the adapters belong to the weights and tokens they were trained on.
 Runs saved before mgpo-jax wrote a field are not checked for it.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.models import weight_files
 
 FILE = "data.json"
@@ -25,8 +27,8 @@ _DATA_KEYS = ("train", "validation", "test", "generation", "label_names")
 
 def fingerprint(data: dict[str, Any], labels: list[Any], model_dir: str | None) -> dict[str, Any]:
   """The fingerprints of ``data`` (the splits: every array's name, dtype, shape and bytes; the
-  generation set, as text), of ``labels`` and of the base model in ``model_dir`` (``None``: a
-  model built in code, not fingerprinted)."""
+  generation set, as text), of ``labels`` and of the base model and tokenizer in ``model_dir``
+  (``None``: a model built in code, not fingerprinted)."""
   out: dict[str, Any] = {"label_names": list(labels)}
   for split in ("train", "validation", "test"):
     if split in data:
@@ -40,7 +42,7 @@ def fingerprint(data: dict[str, Any], labels: list[Any], model_dir: str | None) 
     text = json.dumps(data["generation"], sort_keys=True, default=list)
     out["generation"] = hashlib.sha256(text.encode()).hexdigest()
   if model_dir is not None:
-    out["model"] = model_fingerprint(model_dir)
+    out.update({key: fingerprint_of(model_dir) for key, fingerprint_of in _FOLDER.items()})
   return json.loads(json.dumps(out))  # as it reads back from the file
 
 
@@ -50,6 +52,25 @@ def model_fingerprint(model_dir: str | pathlib.Path) -> str:
   while each file stays the same file (device, inode) with the same size and times."""
   files = [pathlib.Path(model_dir) / "config.json", *weight_files(model_dir)]
   return _hash_files(tuple(_identity(f) for f in files))
+
+
+# The files a Hugging Face tokenizer is read from (those in the folder are hashed).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_fingerprint(model_dir: str | pathlib.Path) -> str:
+  """SHA-256 of the tokenizer files in a checkpoint folder (their names and bytes), cached as
+  :func:`model_fingerprint` is."""
+  files = [pathlib.Path(model_dir) / name for name in _TOKENIZER_FILES]
+  return _hash_files(tuple(_identity(f) for f in files if f.is_file()))
+
+
+# What a checkpoint folder is fingerprinted by: key in data.json -> (fingerprint, its parts).
+_FOLDER = {"model": model_fingerprint, "tokenizer": tokenizer_fingerprint}
+_PARTS = {"model": ("base model", "config.json or weights"),
+          "tokenizer": ("tokenizer", "tokenizer files")}
 
 
 def _identity(file: pathlib.Path) -> tuple[str, int, int, int, int, int]:
@@ -81,25 +102,27 @@ def check_resume(run_dir: pathlib.Path, now: dict[str, Any], model_dir: str | No
         f"--resume: the data differ from the saved run's ({', '.join(changed)}): a changed "
         "data file, tokenizer or label set. Resume with the data the run started with, or "
         "start a new run")
-  if "model" in saved and "model" in now and saved["model"] != now["model"]:
-    raise _model_changed(f"--resume: --model {model_dir}")
+  _check_folder(saved, now, f"--resume: --model {model_dir}")
 
 
 def check_model(run_dir: pathlib.Path, model_dir: str) -> None:
-  """Raises unless the base model in ``model_dir`` is the one the run in ``run_dir`` trained
-  its adapters on (for ``predict``; hashed only when the run recorded its model)."""
-  saved = _saved(run_dir)
-  if saved and "model" in saved and saved["model"] != model_fingerprint(model_dir):
-    raise _model_changed(f"--run-dir {run_dir}: its --model {model_dir}")
+  """Raises unless the base model and tokenizer in ``model_dir`` are the ones the run in
+  ``run_dir`` trained its adapters with (for ``predict``; each hashed only when the run
+  recorded it)."""
+  saved = _saved(run_dir) or {}
+  now = {key: fingerprint_of(model_dir) for key, fingerprint_of in _FOLDER.items()
+         if key in saved}
+  _check_folder(saved, now, f"--run-dir {run_dir}: its --model {model_dir}")
+
+
+def _check_folder(saved: dict[str, Any], now: dict[str, Any], what: str) -> None:
+  for key, (name, parts) in _PARTS.items():
+    if key in saved and key in now and saved[key] != now[key]:
+      raise ValueError(
+          f"{what}: the {name} differs from the one the run trained on: its folder's {parts} "
+          "changed since. Use the model the run started with (the adapters belong to its "
+          "weights and tokens), or start a new run")
 
 
 def _saved(run_dir: pathlib.Path) -> dict[str, Any] | None:
-  file = run_dir / FILE
-  return json.loads(file.read_text()) if file.exists() else None
-
-
-def _model_changed(what: str) -> ValueError:
-  return ValueError(
-      f"{what}: the base model differs from the one the run trained on: its folder's "
-      "config.json or weights changed since. Use the model the run started with (the "
-      "adapters belong to its weights), or start a new run")
+  return run_dir_lib.read_json(run_dir, FILE) if (run_dir / FILE).exists() else None

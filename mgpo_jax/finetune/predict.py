@@ -8,7 +8,6 @@ probability of every label.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from flax import nnx
 from mgpo_jax.data import eval_batch_iterator, tokenize
 from mgpo_jax.data_files import read_table
 from mgpo_jax.finetune import fingerprint
+from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.finetune.config import FinetuneConfig
 from mgpo_jax.finetune.job import generate, load_base, model_path
 from mgpo_jax.lora import load_adapters
@@ -34,8 +34,8 @@ def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nn
   if missing:
     raise ValueError(f"--run-dir {run_dir} holds no finished run (missing "
                      f"{', '.join(missing)})")
-  config = FinetuneConfig.from_json((run_dir / "config.json").read_text())
-  labels = json.loads((run_dir / "labels.json").read_text())
+  config = FinetuneConfig.from_dict(run_dir_lib.read_json(run_dir, "config.json"))
+  labels = run_dir_lib.read_json(run_dir, "labels.json")
   fingerprint.check_model(run_dir, model_path(config))
   model = load_base(config, len(labels))
   load_adapters(run_dir / "adapters", model)

@@ -26,6 +26,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 try:
   import fcntl
@@ -129,6 +130,15 @@ def check_usable(path: pathlib.Path) -> None:
 
 def is_empty(path: pathlib.Path) -> bool:
   return not (path.is_dir() and any(path.iterdir()))
+
+
+def read_json(path: pathlib.Path, name: str) -> Any:
+  """The JSON file ``name`` that mgpo-jax wrote in the run directory ``path``."""
+  try:
+    return json.loads((path / name).read_text())
+  except ValueError as err:
+    raise RunDirError(f"--run-dir {path}: {name} is not valid JSON ({err}): it was changed or "
+                      "damaged after mgpo-jax wrote it. Restore it, or start a new run") from err
 
 
 def read_manifest(path: pathlib.Path, kind: str) -> dict:
