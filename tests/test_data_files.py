@@ -101,12 +101,8 @@ def test_finetune_on_files_then_predict(tmp_path, files, capsys):
     predict.predict(run, ["fine", ("a pair", "of texts")])  # not silently one text
 
 
-def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys):
-  """The adapters belong to the weights they were trained on: once the --model folder's
-  weights change, --resume and predict refuse it (one line, nothing written); the same bytes
-  again (a restored or copied folder) are accepted."""
-  import safetensors.numpy
-
+def _finetune_a_model_copy(tmp_path, files, capsys):
+  """``(model, run, args)``: a finished run on a copy of MiniLM's folder, and its flags."""
   model = tmp_path / "m"
   shutil.copytree(minilm_path(), model, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
   run = tmp_path / "run"
@@ -114,6 +110,16 @@ def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys)
           "--label-column", "sentiment", "--model", str(model), "--run-dir", str(run), *FAST]
   assert cli.main(["finetune", *args]) == 0, capsys.readouterr().err
   capsys.readouterr()
+  return model, run, args
+
+
+def test_resume_and_predict_refuse_a_changed_base_model(tmp_path, files, capsys):
+  """The adapters belong to the weights they were trained on: once the --model folder's
+  weights change, --resume and predict refuse it (one line, nothing written); the same bytes
+  again (a restored or copied folder) are accepted."""
+  import safetensors.numpy
+
+  model, run, args = _finetune_a_model_copy(tmp_path, files, capsys)
   assert cli.main(["predict", "--run-dir", str(run), "--text", "fine"]) == 0
   before = capsys.readouterr().out
 
@@ -148,13 +154,7 @@ def test_predict_refuses_a_changed_tokenizer_and_damaged_run_files(tmp_path, fil
   """The tokens are part of what the adapters learned: a changed tokenizer file is refused by
   predict and --resume (one line, nothing written), the restored one accepted; a damaged
   data.json, labels.json or config.json is a one-line error that names the file."""
-  model = tmp_path / "m"
-  shutil.copytree(minilm_path(), model, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
-  run = tmp_path / "run"
-  args = ["--train-file", str(files / "train.csv"), "--text-column", "review",
-          "--label-column", "sentiment", "--model", str(model), "--run-dir", str(run), *FAST]
-  assert cli.main(["finetune", *args]) == 0, capsys.readouterr().err
-  capsys.readouterr()
+  model, run, args = _finetune_a_model_copy(tmp_path, files, capsys)
   predict_args = ["predict", "--run-dir", str(run), "--text", "Fine"]
   assert cli.main(predict_args) == 0
   before = capsys.readouterr().out
