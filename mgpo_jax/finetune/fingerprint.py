@@ -42,7 +42,7 @@ def fingerprint(data: dict[str, Any], labels: list[Any], model_dir: str | None) 
     text = json.dumps(data["generation"], sort_keys=True, default=list)
     out["generation"] = hashlib.sha256(text.encode()).hexdigest()
   if model_dir is not None:
-    out.update({key: fingerprint_of(model_dir) for key, fingerprint_of in _FOLDER.items()})
+    out.update({key: fingerprint_of(model_dir) for key, (fingerprint_of, *_) in _FOLDER.items()})
   return json.loads(json.dumps(out))  # as it reads back from the file
 
 
@@ -67,10 +67,9 @@ def tokenizer_fingerprint(model_dir: str | pathlib.Path) -> str:
   return _hash_files(tuple(_identity(f) for f in files if f.is_file()))
 
 
-# What a checkpoint folder is fingerprinted by: key in data.json -> (fingerprint, its parts).
-_FOLDER = {"model": model_fingerprint, "tokenizer": tokenizer_fingerprint}
-_PARTS = {"model": ("base model", "config.json or weights"),
-          "tokenizer": ("tokenizer", "tokenizer files")}
+# A checkpoint folder's fingerprints: key in data.json -> (function, what it is, its files).
+_FOLDER = {"model": (model_fingerprint, "base model", "config.json or weights"),
+           "tokenizer": (tokenizer_fingerprint, "tokenizer", "tokenizer files")}
 
 
 def _identity(file: pathlib.Path) -> tuple[str, int, int, int, int, int]:
@@ -110,13 +109,13 @@ def check_model(run_dir: pathlib.Path, model_dir: str) -> None:
   ``run_dir`` trained its adapters with (for ``predict``; each hashed only when the run
   recorded it)."""
   saved = _saved(run_dir) or {}
-  now = {key: fingerprint_of(model_dir) for key, fingerprint_of in _FOLDER.items()
+  now = {key: fingerprint_of(model_dir) for key, (fingerprint_of, *_) in _FOLDER.items()
          if key in saved}
   _check_folder(saved, now, f"--run-dir {run_dir}: its --model {model_dir}")
 
 
 def _check_folder(saved: dict[str, Any], now: dict[str, Any], what: str) -> None:
-  for key, (name, parts) in _PARTS.items():
+  for key, (_, name, parts) in _FOLDER.items():
     if key in saved and key in now and saved[key] != now[key]:
       raise ValueError(
           f"{what}: the {name} differs from the one the run trained on: its folder's {parts} "
