@@ -83,14 +83,13 @@ def _parser() -> argparse.ArgumentParser:
 def _predict(args: argparse.Namespace) -> int:
   from mgpo_jax.data import DataUnavailableError
   from mgpo_jax.finetune import predict
-  from mgpo_jax.finetune import run_dir as run_dir_lib
 
   try:
     texts = args.text
     if args.input_file:
       run_dir = pathlib.Path(args.run_dir)
-      run = (FinetuneConfig.from_dict(run_dir_lib.read_json(run_dir, "config.json"))
-             if (run_dir / "config.json").is_file() else FinetuneConfig())
+      run = (FinetuneConfig.saved_in(run_dir) if (run_dir / "config.json").is_file()
+             else FinetuneConfig())
       text_column = run.prompt_column or run.text_column
       texts = predict.read_texts(args.input_file, text_column)
     lines = [json.dumps(r) for r in predict.predict(args.run_dir, texts)]
@@ -125,12 +124,8 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
   base = FinetuneConfig()
   if args.resume:
     run_dir = pathlib.Path(given.get("run_dir", base.run_dir))
-    saved = run_dir / "config.json"
-    if saved.is_file():  # without one, the job decides (a start cut short begins afresh)
-      try:
-        base = FinetuneConfig.from_json(saved.read_text())
-      except (ValueError, TypeError) as err:
-        raise ValueError(f"--resume: {saved} is not a valid run config ({err})") from err
+    if (run_dir / "config.json").is_file():  # without one, the job decides (a start cut short
+      base = FinetuneConfig.saved_in(run_dir)  # begins afresh)
       base = base.drop_unused(base.parse_compare(getattr(args, "compare", None)))
   values, source = dataclasses.asdict(base), "config"
   if hasattr(args, "config"):

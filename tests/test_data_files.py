@@ -178,6 +178,17 @@ def test_predict_refuses_a_changed_tokenizer_and_damaged_run_files(tmp_path, fil
     assert cli.main(predict_args) == 2
     _one_line(capsys, f"--run-dir {run}: {name} is not valid JSON (")
     (run / name).write_text(good)
+  good = (run / "config.json").read_text()
+  for damaged, error in ((good[:len(good) // 2], "is not valid JSON ("),
+                         (json.dumps({**json.loads(good), "rnak": 8}),
+                          "is not a valid run config (config: unknown field(s) rnak (did you "
+                          "mean rank?)")):
+    (run / "config.json").write_text(damaged)
+    for command in (predict_args, ["finetune", *args, "--resume"],
+                    ["predict", "--run-dir", str(run), "--input-file", str(files / "test.jsonl")]):
+      assert cli.main(command) == 2
+      _one_line(capsys, f"--run-dir {run}: config.json {error}")
+  (run / "config.json").write_text(good)
   assert cli.main(predict_args) == 0 and capsys.readouterr().out == before
 
 

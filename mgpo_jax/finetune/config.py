@@ -12,9 +12,11 @@ import difflib
 import json
 import math
 import os
+import pathlib
 import re
 from typing import Any
 
+from mgpo_jax.finetune import run_dir as run_dir_lib
 from mgpo_jax.methods import METHODS
 
 INITS = ("default", "gaussian", "pissa", "lora-one")  # mgpo_jax.lora.init.INITS, without JAX
@@ -293,6 +295,19 @@ class FinetuneConfig:
   @classmethod
   def from_json(cls, text: str) -> FinetuneConfig:
     return cls.from_dict(json.loads(text))
+
+  @classmethod
+  def saved_in(cls, path: str | os.PathLike) -> FinetuneConfig:
+    """The config that a run or comparison saved in the directory ``path`` (its
+    ``config.json``); a damaged or foreign one is a ``RunDirError`` naming the file."""
+    path = pathlib.Path(path)
+    values = run_dir_lib.read_json(path, "config.json")
+    try:
+      return cls.from_dict(values)
+    except (ValueError, TypeError) as err:
+      raise run_dir_lib.RunDirError(
+          f"--run-dir {path}: config.json is not a valid run config ({err}): it was changed or "
+          "damaged after mgpo-jax wrote it. Restore it, or start a new run") from err
 
 
 # PEFT's LoraConfig and HF's TrainingArguments names for fields this config names otherwise

@@ -392,7 +392,7 @@ def _check_compare_dir(root: pathlib.Path, config: FinetuneConfig, optimizers: S
       raise ValueError(f"--resume: --compare {','.join(optimizers)} differs from the saved "
                        f"comparison ({','.join(saved)})")
     if (root / "config.json").exists():
-      saved_config = FinetuneConfig.from_json((root / "config.json").read_text())
+      saved_config = FinetuneConfig.saved_in(root)
       changed = config.differences(saved_config.drop_unused(tuple(optimizers)))
       if changed:
         raise ValueError(f"--resume: these flags differ from the saved comparison's config: "
@@ -409,13 +409,9 @@ def _check_run_dir(run_dir: pathlib.Path, config: FinetuneConfig, *, resume: boo
   run_dir_lib.check_usable(run_dir)
   if resume:
     run_dir_lib.read_manifest(run_dir, "run")
-    config_file = run_dir / "config.json"
-    if not config_file.exists():
+    if not (run_dir / "config.json").exists():
       raise ValueError(f"--resume: --run-dir {run_dir} holds no run (no config.json)")
-    try:
-      saved = FinetuneConfig.from_json(config_file.read_text())
-    except (ValueError, TypeError) as err:
-      raise ValueError(f"--resume: {config_file} is not a valid run config ({err})") from err
+    saved = FinetuneConfig.saved_in(run_dir)
     changed = config.differences(saved.drop_unused())
     if changed:
       raise ValueError(f"--resume: these flags differ from the saved run's config: "

@@ -34,7 +34,7 @@ def load_run(run_dir: str | pathlib.Path) -> tuple[FinetuneConfig, list[Any], nn
   if missing:
     raise ValueError(f"--run-dir {run_dir} holds no finished run (missing "
                      f"{', '.join(missing)})")
-  config = FinetuneConfig.from_dict(run_dir_lib.read_json(run_dir, "config.json"))
+  config = FinetuneConfig.saved_in(run_dir)
   labels = run_dir_lib.read_json(run_dir, "labels.json")
   fingerprint.check_model(run_dir, model_path(config))
   model = load_base(config, len(labels))
