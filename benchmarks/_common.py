@@ -162,16 +162,23 @@ def parse_settings(parser, values: list[str]) -> list[tuple[int, int]]:
   return settings
 
 
-def write_json(path: pathlib.Path, results: Any) -> None:
-  """Writes a benchmark's results (creating the folder) through a temporary file, so an
-  interrupted write never leaves a truncated file where a finished one is expected."""
-  import json
+def write_text(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` (creating the folder) through a draft named for this process,
+  so an interrupted write never leaves a truncated file where a finished one is expected, and
+  two processes writing the same file (two study processes started at once) never share one."""
   import os
 
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(results, indent=1))
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")
+  tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
+
+
+def write_json(path: pathlib.Path, results: Any) -> None:
+  """Writes a benchmark's results as JSON, as :func:`write_text` does."""
+  import json
+
+  write_text(path, json.dumps(results, indent=1))
 
 
 def check_same_config(path: pathlib.Path, stored: dict[str, Any], config: dict[str, Any]

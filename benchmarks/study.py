@@ -152,7 +152,6 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
     parts["validation"] += idx[:n_val].tolist()
     parts["test"] += idx[n_val:n_val + n_test].tolist()
     parts["train"] += idx[n_val + n_test:].tolist()
-  folder.mkdir(parents=True, exist_ok=True)
   counts = {}
   for split, idx in parts.items():
     order = rng.permutation(np.asarray(idx))
@@ -160,9 +159,7 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
     writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
     writer.writerow(["text", "label"])
     writer.writerows(kept[i] for i in order)
-    tmp = files[split].with_suffix(f".{os.getpid()}.tmp")  # two study processes may race here
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, files[split])
+    _common.write_text(files[split], buf.getvalue())
     counts[split] = {label: int((labels[order] == label).sum()) for label in TWEETS_LABELS}
   conflicting = sum(len(ls) > 1 for ls in labels_of.values())
   manifest = {"version": TWEETS_SPLIT_VERSION, "source": str(source),
@@ -170,9 +167,7 @@ def tweets_files(cache: pathlib.Path = CACHE) -> dict[str, str]:
               "labelled": len(labelled), "texts_with_two_labels_dropped": conflicting,
               "kept": len(kept), "dropped": len(rows) - len(kept),
               "split_seed": 0, "fractions": SPLIT_FRACTIONS, "counts": counts}
-  tmp = manifest_file.with_suffix(f".{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(manifest, indent=1))
-  os.replace(tmp, manifest_file)  # last: a reader sees a complete split or none
+  _common.write_json(manifest_file, manifest)  # last: a reader sees a complete split or none
   print(f"tweets: {len(kept)} distinct texts of {len(rows)} rows kept; split written to "
         f"{folder}")
   return {k: str(v) for k, v in files.items()}
