@@ -282,7 +282,7 @@ def train_and_measure(args, ds: Dataset, spec: dict[str, Any], lr: float, seed: 
       config=json.loads(config.to_json()), val_accuracy=summary["val_accuracy"],
       test_accuracy=summary.get("test_accuracy"), test_loss=summary.get("test_loss"),
       majority_class_test=summary.get("majority_class"),
-      top_hessian_eigenvalue=hessian["value"], hessian=hessian,
+      top_hessian_eigenvalue=hessian["value_2x_iters"], hessian=hessian,
       val_curve=[[r["step"], r["val_accuracy"]] for r in metrics if "val_accuracy" in r],
       val_loss_curve=[[r["step"], r["val_loss"]] for r in metrics if "val_loss" in r],
       loss_curve=[[r["step"], r["loss"]] for r in metrics if "loss" in r],
@@ -322,8 +322,13 @@ def one_run(args, ds: Dataset, variant: str, spec: dict[str, Any], lr: float, se
 # -- results and selection -----------------------------------------------------------------------
 
 def load_results(results: pathlib.Path) -> list[dict[str, Any]]:
-  """Every finished run's result under ``results`` (``*.json``; ``.tmp`` files are skipped)."""
-  return [json.loads(p.read_text()) for p in sorted(results.glob("*/*/lr*_seed*.json"))]
+  """Every finished run's result under ``results`` (``*.json``; ``.tmp`` files are skipped).
+  Its ``top_hessian_eigenvalue`` is the estimate after twice the iterations, the better of the
+  two each run records (files written before 2026-11-27 hold the shorter one there)."""
+  runs = [json.loads(p.read_text()) for p in sorted(results.glob("*/*/lr*_seed*.json"))]
+  for run in runs:
+    run["top_hessian_eigenvalue"] = run["hessian"]["value_2x_iters"]
+  return runs
 
 
 def choose_lr(runs: list[dict[str, Any]], dataset: str, variant: str, grid_seed: int = 0

@@ -298,6 +298,7 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   assert r["config"]["rank"] == 8 and r["config"]["alpha"] == 16.0
   assert r["val_accuracy"] == pytest.approx(r["val_accuracy_check"])  # predictions agree
   assert 0 <= r["test_macro_f1"] <= 1 and math.isfinite(r["top_hessian_eigenvalue"])
+  assert r["top_hessian_eigenvalue"] == r["hessian"]["value_2x_iters"]  # the longer estimate
   assert r["val_curve"][-1][0] == 6 and len(r["loss_curve"]) >= 1
   assert "| mgpo | 0.003 | 1 |" in text and "1 seed: no interval" in text
   assert (tmp_path / "report" / "report.md").read_text() == text
@@ -309,6 +310,16 @@ def test_study_quick_runs_resumes_and_reports(tmp_path, capsys):
   assert "training" not in capsys.readouterr().out
   with pytest.raises(SystemExit, match=r"was made with .*steps=6 \(now 12\)"):
     study.main(["seeds", *flags, "--epochs", "2"])  # other flags: the files are not reused
+
+
+def test_study_reports_the_longer_hessian_estimate(tmp_path):
+  """A power iteration that did not converge in ``iters`` products is reported with the value
+  after twice as many (it stops below the eigenvalue), also from files holding the shorter."""
+  file = tmp_path / "d" / "lora" / "lr0.001_seed0.json"
+  file.parent.mkdir(parents=True)
+  file.write_text(json.dumps({"top_hessian_eigenvalue": 8.88, "hessian": {
+      "value": 8.88, "value_2x_iters": 9.45, "converged": False}}))
+  assert [r["top_hessian_eigenvalue"] for r in study.load_results(tmp_path)] == [9.45]
 
 
 def test_study_seeds_run_seed_by_seed(monkeypatch, capsys):
