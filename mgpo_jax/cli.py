@@ -124,8 +124,9 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
   base = FinetuneConfig()
   if args.resume:
     run_dir = pathlib.Path(given.get("run_dir", base.run_dir))
-    if (run_dir / "config.json").is_file():  # without one, the job decides (a start cut short
-      base = FinetuneConfig.saved_in(run_dir)  # begins afresh)
+    # Without a saved config the job decides (a start cut short begins afresh).
+    if (run_dir / "config.json").is_file():
+      base = FinetuneConfig.saved_in(run_dir)
       base = base.drop_unused(base.parse_compare(getattr(args, "compare", None)))
   values, source = dataclasses.asdict(base), "config"
   if hasattr(args, "config"):
